@@ -1,0 +1,76 @@
+"""Inference: raw frames in, amplitude and phase patches out, with the checkpoint's preprocessing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointInfo, load_model
+from .network import PtychoNN
+from .preprocess import preprocess
+
+
+def choose_device(preference: str = "auto") -> torch.device:
+    """``"auto"``: the first CUDA device when one is present, else the CPU; otherwise as named."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+class Predictor:
+    """A loaded model ready for inference on any number of raw frames.
+
+    Parameters
+    ----------
+    model : PtychoNN
+    info : CheckpointInfo
+        Supplies the preprocessing recipe and the model's identity (``info.content_hash``).
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    batch_size : int
+        Frames per forward pass.
+    """
+
+    def __init__(self, model: PtychoNN, info: CheckpointInfo, device: str = "auto", batch_size: int = 256) -> None:
+        self.device = choose_device(device)
+        self.model = model.to(self.device).eval()
+        self.info = info
+        self.batch_size = batch_size
+        # bf16 halves the GPU's work; the CPU keeps float32 for exact agreement between paths.
+        self._autocast = self.device.type == "cuda"
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", batch_size: int = 256) -> Predictor:
+        """Load a checkpoint (validated, no pickle) and wrap it."""
+        model, info = load_model(path, "cpu")
+        return cls(model, info, device=device, batch_size=batch_size)
+
+    @property
+    def patch_pixels(self) -> int:
+        """Side of the predicted patches."""
+        return self.info.network.input_pixels
+
+    def predict(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw detector frames (N, rows, cols) -> (amplitude, phase), each (N, n, n) float32.
+
+        Raises :class:`~bluesky_ptychonn.errors.FrameError` for a wrong shape, NaN or negative counts.
+        """
+        x = preprocess(frames, self.info.recipe)
+        return self.predict_preprocessed(x)
+
+    @torch.inference_mode()
+    def predict_preprocessed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`predict` for frames already preprocessed with the recipe (N, n, n)."""
+        n = self.patch_pixels
+        amplitude = np.empty((len(x), n, n), np.float32)
+        phase = np.empty((len(x), n, n), np.float32)
+        for start in range(0, len(x), self.batch_size):
+            chunk = torch.from_numpy(x[start : start + self.batch_size]).unsqueeze(1).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+                amp, ph = self.model(chunk)
+            stop = start + len(chunk)
+            amplitude[start:stop] = amp.float().squeeze(1).cpu().numpy()
+            phase[start:stop] = ph.float().squeeze(1).cpu().numpy()
+        return amplitude, phase

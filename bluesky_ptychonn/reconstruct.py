@@ -1,0 +1,78 @@
+"""Offline reconstruction of a whole scan, and its evaluation against a reference.
+
+The live callback and replay use the same pieces (``Predictor`` then ``PatchStitcher``) frame
+batch by frame batch; this module does it in one call for files and tests.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .geometry import ObjectGrid
+from .metrics import compare
+from .stitching import PatchStitcher, StitchedImage, patch_window
+
+if TYPE_CHECKING:
+    from .inference import Predictor
+
+
+def scan_lines(positions_m: np.ndarray) -> np.ndarray:
+    """Line number of every position of a raster or snake scan (lines run along x, stacked in y).
+
+    Lines are told apart by gaps in sorted y larger than half the largest gap; a scan with no
+    such structure (a spiral) is treated as one line per position, in order of y.
+    """
+    order = np.argsort(positions_m[:, 0], kind="stable")
+    gaps = np.diff(positions_m[order, 0])
+    if len(gaps) == 0:
+        return np.zeros(len(positions_m), np.int64)
+    breaks = gaps > 0.5 * gaps.max()
+    lines_sorted = np.concatenate([[0], np.cumsum(breaks)])
+    if lines_sorted[-1] + 1 > len(positions_m) / 2:  # no line structure
+        lines_sorted = np.arange(len(positions_m))
+    lines = np.empty(len(positions_m), np.int64)
+    lines[order] = lines_sorted
+    return lines
+
+
+def split_lines(positions_m: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the frames on the first ``fraction`` of scan lines, and of the rest."""
+    lines = scan_lines(positions_m)
+    cut = int(round(fraction * (lines.max() + 1)))
+    return np.flatnonzero(lines < cut), np.flatnonzero(lines >= cut)
+
+
+def reconstruct(
+    predictor: Predictor,
+    frames: np.ndarray,
+    positions_m: np.ndarray,
+    *,
+    grid: ObjectGrid | None = None,
+    window: str = "gaussian",
+    batch_size: int = 512,
+) -> StitchedImage:
+    """Predict every frame and stitch the patches; the grid defaults to one covering the positions.
+
+    The pixel size is the recipe's real-space pixel, which the caller's ``grid`` must share.
+    """
+    n = predictor.patch_pixels
+    if grid is None:
+        raise ValueError("reconstruct needs the object grid (ObjectGrid.covering(positions, pixel_size_m, n))")
+    stitcher = PatchStitcher(grid, n, patch_window(n, window))
+    for s in range(0, len(frames), batch_size):
+        amplitude, phase = predictor.predict(frames[s : s + batch_size])
+        stitcher.add(amplitude, phase, positions_m[s : s + batch_size])
+    return stitcher.snapshot()
+
+
+def evaluate(image: StitchedImage, truth: np.ndarray, truth_grid: ObjectGrid, coverage: float = 0.5) -> dict[str, float]:
+    """PSNR, SSIM and Pearson of the stitched image against a complex reference on the scanned region.
+
+    The reference must be on the image's grid (same shape, pixel size and origin); the region is
+    where the stitching weight reaches ``coverage`` of its maximum.
+    """
+    if truth_grid != image.grid:
+        raise ValueError(f"reference grid {truth_grid} differs from the image grid {image.grid}")
+    return compare(image.amplitude, image.phase, np.abs(truth), np.angle(truth), image.covered(coverage))
