@@ -148,7 +148,7 @@ class TrainConfig(_Frozen):
     loss_window: Literal["uniform", "gaussian"] = Field(
         "gaussian",
         description=(
-            "Per-pixel weight of the MAE. 'uniform' is the paper's loss; 'gaussian' (sigma a quarter of the "
+            "Per-pixel weight of the MAE. 'uniform' is the paper's loss; 'gaussian' (sigma 0.15 of the "
             "patch) concentrates it on the lit centre, which is what the diffraction pattern determines and "
             "what stitching keeps; outside the probe the label cannot be inferred and only adds noise."
         ),

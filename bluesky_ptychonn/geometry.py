@@ -89,8 +89,11 @@ class ObjectGrid:
         half = (patch_pixels - 1) / 2 + margin_pixels
         lo = pos.min(axis=0) - half * pixel_size_m
         hi = pos.max(axis=0) + half * pixel_size_m
-        shape = tuple(int(np.ceil((h - l_) / pixel_size_m)) + 1 for l_, h in zip(lo, hi))
-        return cls(shape=(shape[0], shape[1]), pixel_size_m=float(pixel_size_m), origin_m=(float(lo[0]), float(lo[1])))
+        # Pixel count from the span (tolerating rounding), then centre the grid on the scan so a
+        # symmetric scan gives a symmetric image.
+        shape = np.ceil((hi - lo) / pixel_size_m - 1e-6).astype(int) + 1
+        origin = (lo + hi) / 2 - (shape - 1) / 2 * pixel_size_m
+        return cls(shape=(int(shape[0]), int(shape[1])), pixel_size_m=float(pixel_size_m), origin_m=(float(origin[0]), float(origin[1])))
 
     def to_pixels(self, positions_m: np.ndarray) -> np.ndarray:
         """Fractional pixel coordinates (y, x) of positions in metres."""
@@ -106,6 +109,9 @@ class ObjectGrid:
         Raises :class:`PositionError` naming the first position whose patch leaves the grid.
         """
         corners = self.to_pixels(positions_m) - (patch_pixels - 1) / 2
+        # Snap float noise (26.9999999 -> 27) so integer positions stay exact in interpolation.
+        nearest = np.round(corners)
+        corners = np.where(np.abs(corners - nearest) < 1e-6, nearest, corners)
         limit = np.asarray(self.shape) - patch_pixels
         # A bilinear footprint needs one pixel beyond the floor of the corner when it is fractional.
         outside = np.any((corners < 0) | (np.ceil(corners) > limit), axis=1)

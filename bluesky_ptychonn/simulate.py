@@ -34,11 +34,11 @@ def random_features_object(
     shape: tuple[int, int],
     seed: int,
     *,
-    feature_px: tuple[float, float] = (4.0, 28.0),
-    density: float = 0.6,
-    amplitude_min: float = 0.55,
-    phase_max_rad: float = 1.6,
-    blur_px: float = 0.8,
+    feature_px: tuple[float, float] = (6.0, 32.0),
+    density: float = 0.5,
+    amplitude_min: float = 0.7,
+    phase_max_rad: float = 1.0,
+    blur_px: float = 1.0,
 ) -> np.ndarray:
     """A random-features test object like the paper's etched tungsten chart.
 
@@ -105,8 +105,8 @@ def object_from_images(
     amplitude_image: np.ndarray,
     phase_image: np.ndarray,
     *,
-    amplitude_range: tuple[float, float] = (0.55, 1.0),
-    phase_range_rad: tuple[float, float] = (0.0, 1.6),
+    amplitude_range: tuple[float, float] = (0.7, 1.0),
+    phase_range_rad: tuple[float, float] = (0.0, 1.0),
 ) -> np.ndarray:
     """An object whose amplitude and phase are two images, each rescaled linearly into a range."""
 

@@ -15,7 +15,7 @@ from .errors import FrameError
 from .geometry import ObjectGrid
 
 
-def patch_window(n: int, kind: str = "gaussian", *, width_fraction: float = 0.25) -> np.ndarray:
+def patch_window(n: int, kind: str = "gaussian", *, width_fraction: float = 0.15) -> np.ndarray:
     """Per-pixel weight of a predicted patch (n, n), float32.
 
     ``"gaussian"``: exp(-r^2 / 2 sigma^2) with sigma = ``width_fraction * n`` (trusts the lit

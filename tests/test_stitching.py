@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from bluesky_ptychonn.errors import FrameError, PositionError
+from bluesky_ptychonn.geometry import ObjectGrid, extract_patches
+from bluesky_ptychonn.simulate import random_features_object, scan_positions
+from bluesky_ptychonn.stitching import PatchStitcher, patch_window
+
+
+def _scan(step_px, jitter_px=0.0, pixel=1e-8, n=16):
+    pos = scan_positions("raster", step_m=step_px * pixel, shape=(6, 7), jitter_m=jitter_px * pixel, seed=2)
+    grid = ObjectGrid.covering(pos, pixel, n)
+    return pos, grid
+
+
+def _patches(obj, grid, pos, n=16):
+    p = extract_patches(obj, grid.patch_corners(pos, n), n)
+    return np.abs(p), np.angle(p)
+
+
+def test_exact_patches_reproduce_the_object_on_integer_positions():
+    pos, grid = _scan(step_px=5)
+    obj = random_features_object(grid.shape, seed=1)
+    # Integer-pixel positions: the grid's corners of a raster with integer step are integers.
+    assert np.allclose(grid.patch_corners(pos, 16) % 1, 0)
+    stitcher = PatchStitcher(grid, 16, patch_window(16, "gaussian"))
+    stitcher.add(*_patches(obj, grid, pos), pos)
+    image = stitcher.snapshot()
+    covered = image.weight > 0
+    np.testing.assert_allclose(image.amplitude[covered], np.abs(obj)[covered], atol=1e-5)
+    np.testing.assert_allclose(image.phase[covered], np.angle(obj)[covered], atol=1e-5)
+    assert image.frames == len(pos)
+
+
+def test_sub_pixel_positions_reproduce_a_smooth_object():
+    pos, grid = _scan(step_px=5, jitter_px=0.7)
+    y, x = np.mgrid[0 : grid.shape[0], 0 : grid.shape[1]]
+    obj = (0.8 + 0.1 * np.sin(y / 9.0)) * np.exp(1j * 0.5 * np.cos(x / 11.0))
+    stitcher = PatchStitcher(grid, 16)
+    stitcher.add(*_patches(obj, grid, pos), pos)
+    image = stitcher.snapshot()
+    inner = image.covered(0.5)
+    assert inner.sum() > 500
+    assert np.abs(image.amplitude - np.abs(obj))[inner].max() < 2e-3
+    assert np.abs(image.phase - np.angle(obj))[inner].max() < 5e-3
+
+
+def test_phase_is_averaged_as_a_complex_mean():
+    grid = ObjectGrid((20, 20), 1e-8, (0.0, 0.0))
+    stitcher = PatchStitcher(grid, 4)
+    pos = np.array([[1e-7, 1e-7], [1e-7, 1e-7]])
+    ones = np.ones((2, 4, 4), np.float32)
+    # +3.1 and -3.1 rad are 0.08 rad apart across the wrap; a plain mean would give 0.
+    stitcher.add(ones, np.stack([np.full((4, 4), 3.1), np.full((4, 4), -3.1)]).astype(np.float32), pos)
+    phase = stitcher.snapshot().phase[8:12, 8:12]
+    assert np.all(np.abs(np.abs(phase) - np.pi) < 1e-3)
+
+
+def test_incremental_equals_all_at_once_and_snapshots_any_time():
+    pos, grid = _scan(step_px=4, jitter_px=0.3)
+    rng = np.random.default_rng(0)
+    amp, phase = rng.uniform(0.5, 1, (len(pos), 16, 16)), rng.uniform(-1, 1, (len(pos), 16, 16))
+    once, parts = PatchStitcher(grid, 16), PatchStitcher(grid, 16)
+    once.add(amp, phase, pos)
+    parts.add(amp[:10], phase[:10], pos[:10])
+    partial = parts.snapshot()
+    parts.add(amp[10:], phase[10:], pos[10:])
+    assert partial.frames == 10 and (partial.weight > 0).sum() < (parts.snapshot().weight > 0).sum()
+    for name in ("amplitude", "phase", "weight"):
+        np.testing.assert_allclose(getattr(parts.snapshot(), name), getattr(once.snapshot(), name), atol=1e-5)
+
+
+def test_bad_patches_leave_the_image_unchanged():
+    pos, grid = _scan(step_px=4)
+    stitcher = PatchStitcher(grid, 16)
+    ok = np.ones((len(pos), 16, 16))
+    with pytest.raises(FrameError):
+        stitcher.add(np.ones((len(pos), 8, 8)), np.ones((len(pos), 8, 8)), pos)
+    with pytest.raises(PositionError):
+        stitcher.add(ok, ok, pos + 1e-6)
+    assert stitcher.frames == 0 and not stitcher.snapshot().weight.any()
+
+
+def test_windows():
+    assert patch_window(8, "uniform").sum() == 64
+    central = patch_window(64, "central", width_fraction=0.25)
+    assert central.sum() == 16 * 16 or central.sum() == 17 * 17
+    g = patch_window(64, "gaussian")
+    assert g.max() < 1 and np.allclose(g, g[::-1, ::-1])
+    with pytest.raises(ValueError):
+        patch_window(8, "hann")
