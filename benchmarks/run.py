@@ -1,0 +1,43 @@
+"""`make bench`: run every benchmark, print its figures and write them as JSON under --out.
+
+Each benchmark module has ``run(quick: bool) -> dict``; figures carry the machine they ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = ["bench_inference", "bench_acquisition", "bench_live"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (for a smoke run)")
+    parser.add_argument("--only", nargs="*", default=None, help="benchmark module names to run")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for name in args.only or BENCHMARKS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            print(f"{name}: skipped ({err})")
+            continue
+        print(f"== {name}")
+        result = module.run(quick=args.quick)
+        path = args.out / f"{name}-{stamp}.json"
+        path.write_text(json.dumps(result, indent=2))
+        print(f"   written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

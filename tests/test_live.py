@@ -1,0 +1,181 @@
+"""LiveReconstruction and the Tiled sink against a real in-process Tiled server."""
+
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+from tiled.client import from_uri
+from tiled.server import SimpleTiledServer
+
+from bluesky_ptychonn.checkpoint import CheckpointInfo
+from bluesky_ptychonn.config import DetectorGeometry, NetworkConfig, PreprocessRecipe
+from bluesky_ptychonn.inference import Predictor
+from bluesky_ptychonn.live import LiveOptions, LiveReconstruction
+from bluesky_ptychonn.network import PtychoNN
+from bluesky_ptychonn.reconstruct import reconstruct
+from bluesky_ptychonn.simulate import simulate_scan
+from bluesky_ptychonn.sink import TiledSink
+
+FAST = LiveOptions(batch_size=16, max_wait_s=0.05, publish_interval_s=0.05, retry_s=0.1, final_retry_s=60)
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return simulate_scan(geometry=DetectorGeometry(frame_pixels=32), scan_shape=(6, 6), probe={"kind": "gaussian", "fwhm_px": 8})
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    torch.manual_seed(0)
+    net = NetworkConfig(input_pixels=32, base_channels=4, depth=2)
+    info = CheckpointInfo(net, PreprocessRecipe(frame_shape=(32, 32), scale=0.05), content_hash="f" * 64)
+    return Predictor(PtychoNN(net).eval(), info, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = SimpleTiledServer()
+    yield srv
+    srv.close()
+
+
+def _read(client, uid):
+    node = client["processed"][uid]["ptychonn"]
+    return {k: node[k].read() for k in ("amplitude", "phase", "weight")}, dict(node.metadata)
+
+
+def test_live_result_in_tiled_equals_offline(server, scan, predictor):
+    client = from_uri(server.uri)
+    live = LiveReconstruction(predictor, scan.grid, TiledSink(client, "run-a"), {"raw_uid": "run-a"}, FAST)
+    order = np.random.default_rng(0).permutation(len(scan.frames))  # out of order, odd chunk sizes
+    for chunk in np.array_split(order, 7):
+        live.submit(scan.frame_ids[chunk], scan.frames[chunk], scan.positions_m[chunk])
+    live.finish("complete")
+    assert live.wait(30)
+    arrays, md = _read(client, "run-a")
+    offline = reconstruct(predictor, scan.frames, scan.positions_m, grid=scan.grid)
+    np.testing.assert_allclose(arrays["amplitude"], offline.amplitude, atol=1e-5)
+    np.testing.assert_allclose(arrays["phase"], offline.phase, atol=1e-5)
+    np.testing.assert_allclose(arrays["weight"], offline.weight, rtol=1e-5)
+    assert md["status"] == "complete" and md["frames_done"] == len(scan.frames)
+    assert md["model_hash"] == "f" * 64 and md["grid"]["shape"] == list(scan.grid.shape)
+    assert md["timings"]["inference_s"] > 0 and md["errors"] == []
+
+
+def test_partial_coverage_grows_in_tiled(server, scan, predictor):
+    client = from_uri(server.uri)
+    slow = LiveOptions(batch_size=8, max_wait_s=0.05, publish_interval_s=3600, retry_s=0.1)
+    live = LiveReconstruction(predictor, scan.grid, TiledSink(client, "run-b"), {"raw_uid": "run-b"}, slow)
+    rows = np.argsort(scan.positions_m[:, 0], kind="stable")
+    live.submit(scan.frame_ids[rows[:12]], scan.frames[rows[:12]], scan.positions_m[rows[:12]])
+    _wait_until(lambda: live.metadata["frames_done"] == 12)
+    live._dirty.set()
+    live._finished.set()  # wake the publisher once without finishing the run
+    live._finished.clear()
+    _wait_until(lambda: "processed" in client and "run-b" in client["processed"])
+    _wait_until(lambda: "weight" in client["processed"]["run-b"]["ptychonn"])
+    first, md = _read(client, "run-b")
+    assert md["status"] == "running" and md["frames_done"] == 12
+    live.submit(scan.frame_ids[rows[12:]], scan.frames[rows[12:]], scan.positions_m[rows[12:]])
+    live.finish("complete")
+    assert live.wait(30)
+    final, md = _read(client, "run-b")
+    assert md["status"] == "complete"
+    # The arrays grew row-wise while the scan went on, and coverage grew.
+    assert first["weight"].shape[0] < final["weight"].shape[0] == scan.grid.shape[0]
+    assert (first["weight"] > 0).sum() < (final["weight"] > 0).sum()
+
+
+def test_bad_frames_are_dropped_counted_and_recorded(server, scan, predictor):
+    client = from_uri(server.uri)
+    live = LiveReconstruction(predictor, scan.grid, TiledSink(client, "run-c"), {"raw_uid": "run-c"}, FAST)
+    frames = scan.frames.astype(np.float32)
+    frames[3, 1, 1] = np.nan
+    frames[4, 0, 0] = -5
+    positions = scan.positions_m.copy()
+    positions[5] += 1e-3  # a millimetre off the grid
+    live.submit(scan.frame_ids, frames, positions)
+    live.submit(scan.frame_ids[:2], frames[:2], positions[:2])  # duplicates
+    live.submit(np.array([99]), np.zeros((1, 16, 16)), np.zeros((1, 2)))  # wrong shape
+    live.finish("complete")
+    assert live.wait(30)
+    _, md = _read(client, "run-c")
+    assert md["frames_done"] == len(frames) - 3
+    assert md["frames_dropped"] == 4 and md["frames_duplicate"] == 2
+    assert any("NaN" in e for e in md["errors"]) and any("off the grid" in e for e in md["errors"])
+    assert any("shape" in e for e in md["errors"]) and md["status"] == "complete"
+
+
+class FailingOnce(Predictor):
+    """Fault injection: the second micro-batch raises, as a CUDA or driver error would."""
+
+    calls = 0
+
+    def predict(self, frames):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("injected fault in batch 2")
+        return super().predict(frames)
+
+
+def test_an_exception_in_one_batch_is_recorded_and_the_run_goes_on(server, scan, predictor):
+    client = from_uri(server.uri)
+    flaky = FailingOnce(predictor.model, predictor.info, device="cpu")
+    live = LiveReconstruction(flaky, scan.grid, TiledSink(client, "run-d"), {"raw_uid": "run-d"}, FAST)
+    for chunk in np.array_split(np.arange(len(scan.frames)), 3):
+        live.submit(scan.frame_ids[chunk], scan.frames[chunk], scan.positions_m[chunk])
+        _wait_until(lambda c=chunk: live.metadata["frames_done"] + 12 >= c[-1] + 1)
+    live.finish("complete")
+    assert live.wait(30)
+    _, md = _read(client, "run-d")
+    assert md["status"] == "complete"
+    assert any("injected fault" in e for e in md["errors"])
+    assert md["frames_done"] == len(scan.frames) - 12
+
+
+def test_a_run_with_zero_frames(server, scan, predictor):
+    client = from_uri(server.uri)
+    live = LiveReconstruction(predictor, scan.grid, TiledSink(client, "run-e"), {"raw_uid": "run-e"}, FAST)
+    live.finish("complete")
+    assert live.wait(30)
+    arrays, md = _read(client, "run-e")
+    assert md["frames_done"] == 0 and not arrays["weight"].any() and arrays["weight"].shape == scan.grid.shape
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tiled_outage_mid_run_then_final_image_written(tmp_path, scan, predictor):
+    port = _free_port()
+    srv = SimpleTiledServer(directory=tmp_path / "tiled", port=port, api_key="secret")
+    client = from_uri(srv.uri)
+    live = LiveReconstruction(predictor, scan.grid, TiledSink(client, "run-f"), {"raw_uid": "run-f"}, FAST)
+    half = len(scan.frames) // 2
+    live.submit(scan.frame_ids[:half], scan.frames[:half], scan.positions_m[:half])
+    _wait_until(lambda: "processed" in client and "run-f" in client["processed"])
+    srv.close()  # the server goes away mid-scan
+    live.submit(scan.frame_ids[half:], scan.frames[half:], scan.positions_m[half:])
+    live.finish("complete")
+    _wait_until(lambda: live.metadata["frames_done"] == len(scan.frames))
+    assert not live.wait(0.5)  # nothing written while the server is down, nothing lost either
+    srv = SimpleTiledServer(directory=tmp_path / "tiled", port=port, api_key="secret")
+    try:
+        assert live.wait(60)
+        arrays, md = _read(from_uri(srv.uri), "run-f")
+        assert md["status"] == "complete" and md["frames_done"] == len(scan.frames)
+        np.testing.assert_allclose(arrays["amplitude"], live.snapshot().amplitude)
+    finally:
+        srv.close()
+
+
+def _wait_until(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.02)
