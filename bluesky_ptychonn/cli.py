@@ -145,7 +145,31 @@ def _reconstruct(args: argparse.Namespace) -> dict:
     return summary
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_simulate, _add_train, _add_reconstruct]
+def _add_consume(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("consume", help="reconstruct live the runs published through a bluesky-0MQ-proxy")
+    p.add_argument("--config", type=Path, required=True, help="TOML service configuration (see callbacks/ptychonn.toml)")
+    p.set_defaults(func=_consume)
+
+
+def _consume(args: argparse.Namespace) -> None:
+    from .service import consume, load_config
+
+    consume(load_config(args.config))
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from .server import add_serve_command
+
+    add_serve_command(sub)
+
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_simulate,
+    _add_train,
+    _add_reconstruct,
+    _add_serve,
+    _add_consume,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ A new checkpoint written at the configured path is picked up without a restart (
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import threading
@@ -169,10 +168,3 @@ def consume(config: ServiceConfig) -> None:
         pass
     finally:
         watcher.stop()
-
-
-def add_consume_command(sub: argparse._SubParsersAction) -> None:
-    """Register ``consume`` on the command line."""
-    p = sub.add_parser("consume", help="reconstruct runs published through a bluesky-0MQ-proxy")
-    p.add_argument("--config", type=Path, required=True, help="TOML service configuration")
-    p.set_defaults(func=lambda args: consume(load_config(args.config)))

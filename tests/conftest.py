@@ -1,0 +1,77 @@
+"""Shared fixtures: one real in-process Tiled server per session, and small simulated devices.
+
+Starting Tiled's ``SimpleTiledServer`` costs 10-15 s on a 2-core machine (it initialises its
+catalog in a subprocess), so the server is shared by every test of the session; tests keep
+apart by run uid and by their own data folders under the server's readable ``data_dir``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from bluesky_ptychonn.config import DetectorGeometry
+
+
+class TiledServer(NamedTuple):
+    """What the ``tiled_server`` fixture yields; unpack it or use the names."""
+
+    server: object
+    client: object
+    raw: object
+    data_dir: Path
+
+
+@pytest.fixture(scope="session")
+def tiled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServer]:
+    """A real Tiled server in this process with a ``raw`` CatalogOfBlueskyRuns 3.0 container.
+
+    ``data_dir`` is its readable storage: detectors must write their files below it.
+    """
+    from bluesky_ptychonn.archive import start_embedded_server
+
+    root = tmp_path_factory.mktemp("tiled")
+    archive = start_embedded_server(root / "detector", directory=root / "server")
+    yield TiledServer(archive.server, archive.client, archive.raw, archive.data_dir)
+    archive.close()
+
+
+#: 32-pixel frames: small and fast where the frame size does not matter.
+SMALL_GEOMETRY = DetectorGeometry(frame_pixels=32)
+
+
+@pytest.fixture(scope="session")
+def small_sample():
+    """A 256 x 256 sample for 32-pixel frames, registered in the default registry as ``test-small``."""
+    from bluesky_ptychonn.sample import SimulatedSample, default_registry
+
+    sample = SimulatedSample.for_geometry("test-small", SMALL_GEOMETRY, seed=3, shape_px=(256, 256))
+    return default_registry().register(sample)
+
+
+@pytest.fixture
+def make_devices(small_sample) -> Callable:
+    """A factory ``make_devices(data_dir, **settings) -> (stage, detector)`` for the small sample."""
+    from bluesky_ptychonn.devices import PtychoDetector, SimStage
+    from bluesky_ptychonn.sample import DetectorSettings
+
+    made = []
+
+    def make(data_dir: Path, name: str = "ptycho", **settings):
+        stage = SimStage(name="stage")
+        detector = PtychoDetector(
+            name=name,
+            stage=stage,
+            data_dir=data_dir,
+            sample=small_sample.sample_id,
+            settings=DetectorSettings(geometry=SMALL_GEOMETRY, **settings),
+        )
+        made.append(detector)
+        return stage, detector
+
+    yield make
+    for detector in made:  # never leave a writer thread or an open file behind
+        detector.stop()
