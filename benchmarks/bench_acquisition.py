@@ -58,8 +58,12 @@ def run(quick: bool = False, frames: int = 10_000, frame_pixels: int = 64) -> di
     generate_s = time.perf_counter() - started
     step_m = 2.5e-7
     result: dict = {
-        "benchmark": "acquisition", "frames": frames, "scan_shape": [rows, cols], "frame_pixels": frame_pixels,
-        "sample_pixels": list(sample.shape_px), "sample_generation_s": generate_s,
+        "benchmark": "acquisition",
+        "frames": frames,
+        "scan_shape": [rows, cols],
+        "frame_pixels": frame_pixels,
+        "sample_pixels": list(sample.shape_px),
+        "sample_generation_s": generate_s,
     }
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,13 +71,19 @@ def run(quick: bool = False, frames: int = 10_000, frame_pixels: int = 64) -> di
 
         def devices(data_dir: Path) -> tuple[SimStage, PtychoDetector]:
             stage = SimStage(name="stage")
-            detector = PtychoDetector(name="ptycho", stage=stage, data_dir=data_dir, sample=sample.sample_id,
-                                      settings=DetectorSettings(geometry=geometry, chunk_frames=64))
+            detector = PtychoDetector(
+                name="ptycho",
+                stage=stage,
+                data_dir=data_dir,
+                sample=sample.sample_id,
+                settings=DetectorSettings(geometry=geometry, chunk_frames=64),
+            )
             return stage, detector
 
         def plan(stage: SimStage, detector: PtychoDetector):
-            return ptycho_fly_scan(detector, stage, step_m=step_m, shape=(rows, cols), exposure_s=1e-3,
-                                   flush_period_s=0.5)
+            return ptycho_fly_scan(
+                detector, stage, step_m=step_m, shape=(rows, cols), exposure_s=1e-3, flush_period_s=0.5
+            )
 
         # 1. The detector alone: simulate and write, no RunEngine.
         stage, detector = devices(tmp_path / "alone")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 
 import torch
+from machine import describe, device_name
 
 from bluesky_ptychonn.config import NetworkConfig
 from bluesky_ptychonn.network import PtychoNN, flops_per_frame
-from machine import describe, device_name
 
 
 def _throughput(model: torch.nn.Module, batch: int, device: torch.device, seconds: float) -> float:
@@ -59,8 +59,17 @@ def run(quick: bool = False) -> dict:
                     f"   {row['device'][:40]:40s} {preset:5s} batch {batch:3d}: {fps:9.1f} frames/s, "
                     f"{row['gflop_per_frame']} GFLOP/frame, {row['achieved_gflop_per_s']} GFLOP/s"
                 )
-    best = {p: max(r["frames_per_s"] for r in results if r["network"] == p and r["device_type"] == "cpu") for p in ("paper", "small")}
-    print(f"   best CPU throughput: paper {best['paper']} frames/s, small {best['small']} frames/s "
-          f"(small/paper = {best['small'] / best['paper']:.2f})")
-    return {"benchmark": "model-only inference", "machine": describe(devices[-1]), "results": results,
-            "note": "bf16 autocast on CUDA, float32 on CPU; frames preprocessed and resident on the device"}
+    best = {
+        p: max(r["frames_per_s"] for r in results if r["network"] == p and r["device_type"] == "cpu")
+        for p in ("paper", "small")
+    }
+    print(
+        f"   best CPU throughput: paper {best['paper']} frames/s, small {best['small']} frames/s "
+        f"(small/paper = {best['small'] / best['paper']:.2f})"
+    )
+    return {
+        "benchmark": "model-only inference",
+        "machine": describe(devices[-1]),
+        "results": results,
+        "note": "bf16 autocast on CUDA, float32 on CPU; frames preprocessed and resident on the device",
+    }

@@ -202,5 +202,3 @@ def read_simulation_truth(run: Any, client: Container | None = None) -> tuple[np
 def tiled_run_uri(client: Container, uid: str) -> str:
     """The HTTP address of a raw run (without any API key)."""
     return f"{client.context.api_uri}metadata/{RAW_CONTAINER}/{uid}"
-
-

@@ -149,7 +149,9 @@ class RunReconstructor(DocumentRouter):
         geometry = run_geometry(section)
         recipe = predictor.info.recipe
         if tuple(recipe.frame_shape) != (geometry.frame_pixels, geometry.frame_pixels):
-            raise RunError(f"run {self.uid} has {geometry.frame_pixels}-pixel frames; the model expects {recipe.frame_shape}")
+            raise RunError(
+                f"run {self.uid} has {geometry.frame_pixels}-pixel frames; the model expects {recipe.frame_shape}"
+            )
         grid = run_grid(section, self.config, recipe.pixel_size_m(geometry), predictor.patch_pixels)
         metadata = {
             "raw_uid": self.uid,
@@ -208,14 +210,19 @@ class RunReconstructor(DocumentRouter):
             filled = doc.get("filled", {}).get(key, True)
             if isinstance(filled, list):
                 filled = all(filled)
-            rows = self._resolve_datums(values) if not filled or (len(values) and isinstance(values[0], str)) else values
+            rows = (
+                self._resolve_datums(values) if not filled or (len(values) and isinstance(values[0], str)) else values
+            )
             self._arrive(role, index, np.asarray(rows))
 
     @_guarded
     def event(self, doc: dict) -> None:
         # Events are rare here (one per frame caps a scan near 1 kHz) but accepted.
-        page = {k: [v] if k not in ("data", "timestamps", "filled") else {kk: [vv] for kk, vv in v.items()}
-                for k, v in doc.items() if k != "descriptor"}
+        page = {
+            k: [v] if k not in ("data", "timestamps", "filled") else {kk: [vv] for kk, vv in v.items()}
+            for k, v in doc.items()
+            if k != "descriptor"
+        }
         page["descriptor"] = doc["descriptor"]
         self.event_page(page)
 
@@ -224,11 +231,17 @@ class RunReconstructor(DocumentRouter):
         self._reader.close()
         if self.live is None:
             return
-        status = {"success": "complete", "abort": "aborted", "fail": "failed"}.get(doc.get("exit_status"), "failed")
+        status = {"success": "complete", "abort": "aborted", "fail": "failed"}.get(
+            str(doc.get("exit_status")), "failed"
+        )
         if self.errors and status == "complete" and self.live.metadata["frames_done"] == 0:
             status = "failed"
-        self.live.finish(status, exit_status=doc.get("exit_status"), reason=doc.get("reason", ""),
-                         frames_pending=sum(len(v) for v in self._pending.values()))
+        self.live.finish(
+            status,
+            exit_status=doc.get("exit_status"),
+            reason=doc.get("reason", ""),
+            frames_pending=sum(len(v) for v in self._pending.values()),
+        )
 
     # -- frame matching ---------------------------------------------------------------------
 
@@ -253,7 +266,7 @@ class RunReconstructor(DocumentRouter):
     def _arrive(self, role: str, index: np.ndarray, rows: np.ndarray) -> None:
         """Store rows by stream index; submit every index whose frame, position and id are all in."""
         store = self._pending[role]
-        for i, row in zip(index.tolist(), rows):
+        for i, row in zip(index.tolist(), rows, strict=True):
             store[i] = row
         needed = ["frames", "positions"] + (["ids"] if self.config.frame_id_key else [])
         complete = sorted(set.intersection(*(set(self._pending[r]) for r in needed)))
@@ -261,7 +274,11 @@ class RunReconstructor(DocumentRouter):
             return
         frames = np.stack([self._pending["frames"].pop(i) for i in complete])
         positions = np.stack([self._pending["positions"].pop(i) for i in complete])
-        ids = np.array([self._pending["ids"].pop(i) for i in complete]) if self.config.frame_id_key else np.array(complete)
+        ids = (
+            np.array([self._pending["ids"].pop(i) for i in complete])
+            if self.config.frame_id_key
+            else np.array(complete)
+        )
         self.live.submit(ids, frames, positions)
 
 

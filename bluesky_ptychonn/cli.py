@@ -43,7 +43,10 @@ def _simulate(args: argparse.Namespace) -> dict:
     from .simulate import simulate_scan
 
     geometry = DetectorGeometry(
-        energy_ev=args.energy_ev, distance_m=args.distance_m, detector_pixel_m=args.detector_pixel_m, frame_pixels=args.frame_pixels
+        energy_ev=args.energy_ev,
+        distance_m=args.distance_m,
+        detector_pixel_m=args.detector_pixel_m,
+        frame_pixels=args.frame_pixels,
     )
     scan = simulate_scan(
         geometry=geometry,
@@ -57,7 +60,12 @@ def _simulate(args: argparse.Namespace) -> dict:
         photons_per_frame=args.photons,
     )
     write_scan(args.out, scan)
-    return {"file": str(args.out), "frames": len(scan.frames), "pixel_size_m": scan.grid.pixel_size_m, **scan.metadata["scan"]}
+    return {
+        "file": str(args.out),
+        "frames": len(scan.frames),
+        "pixel_size_m": scan.grid.pixel_size_m,
+        **scan.metadata["scan"],
+    }
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -66,8 +74,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     p.add_argument("--lines", type=float, default=1.0, help="use the first fraction of each scan's lines")
     p.add_argument("--network", choices=("paper", "small"), default="paper")
-    p.add_argument("--transform", choices=("sqrt", "log1p", "none", "auto"), default="sqrt",
-                   help="input transform; 'auto' picks the best on the held-out block after short trials")
+    p.add_argument(
+        "--transform",
+        choices=("sqrt", "log1p", "none", "auto"),
+        default="sqrt",
+        help="input transform; 'auto' picks the best on the held-out block after short trials",
+    )
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--patience", type=int, default=5, help="epochs of plateau before the rate halves")
@@ -85,9 +97,15 @@ def _train(args: argparse.Namespace) -> dict:
 
     data = training_set_from_files(args.scans, lines=args.lines)
     network = NetworkConfig.preset(args.network, data.amplitude.shape[-1])
-    recipe = PreprocessRecipe(frame_shape=tuple(data.frames.shape[1:]), transform="sqrt" if args.transform == "auto" else args.transform)
+    recipe = PreprocessRecipe(
+        frame_shape=tuple(data.frames.shape[1:]), transform="sqrt" if args.transform == "auto" else args.transform
+    )
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, plateau_patience=args.patience, seed=args.seed, loss_window=args.loss_window
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        plateau_patience=args.patience,
+        seed=args.seed,
+        loss_window=args.loss_window,
     )
     scores = None
     if args.transform == "auto":
@@ -98,7 +116,11 @@ def _train(args: argparse.Namespace) -> dict:
     if scores:
         info.metrics["transform_trials"] = scores
     info = save_checkpoint(args.out, model, info)
-    return {"checkpoint": str(args.out), "content_hash": info.content_hash, **{k: v for k, v in info.metrics.items() if k != "history"}}
+    return {
+        "checkpoint": str(args.out),
+        "content_hash": info.content_hash,
+        **{k: v for k, v in info.metrics.items() if k != "history"},
+    }
 
 
 def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
@@ -132,22 +154,34 @@ def _reconstruct(args: argparse.Namespace) -> dict:
     grid = grid or ObjectGrid.covering(scan.positions_m[idx], pixel, predictor.patch_pixels)
     started = time.perf_counter()
     image = reconstruct(predictor, scan.frames[idx], scan.positions_m[idx], grid=grid, window=args.window)
-    summary: dict = {"frames": int(len(idx)), "device": str(predictor.device), "seconds": time.perf_counter() - started,
-                     "model_hash": predictor.info.content_hash}
+    summary: dict = {
+        "frames": int(len(idx)),
+        "device": str(predictor.device),
+        "seconds": time.perf_counter() - started,
+        "model_hash": predictor.info.content_hash,
+    }
     panels = [("PtychoNN", image.amplitude, image.phase)]
     if scan.truth is not None and grid == scan.truth_grid:
         summary.update(evaluate(image, scan.truth, grid))
         panels.append(("ground truth", np.abs(scan.truth), np.angle(scan.truth)))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_result(args.out_dir / "reconstruction.h5", image, summary)
-    save_figure(args.out_dir / "reconstruction.png", panels, grid, mask=image.covered(0.5), title=f"{args.scan.name}: {len(idx)} frames")
+    save_figure(
+        args.out_dir / "reconstruction.png",
+        panels,
+        grid,
+        mask=image.covered(0.5),
+        title=f"{args.scan.name}: {len(idx)} frames",
+    )
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def _add_consume(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("consume", help="reconstruct live the runs published through a bluesky-0MQ-proxy")
-    p.add_argument("--config", type=Path, required=True, help="TOML service configuration (see callbacks/ptychonn.toml)")
+    p.add_argument(
+        "--config", type=Path, required=True, help="TOML service configuration (see callbacks/ptychonn.toml)"
+    )
     p.set_defaults(func=_consume)
 
 
@@ -185,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; prints the command's result as JSON. Exit 2 on a bad input, with the reason."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         result = args.func(args)
     except PtychoNNError as err:

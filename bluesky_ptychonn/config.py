@@ -55,7 +55,9 @@ class PreprocessRecipe(_Frozen):
     flip_cols: bool = Field(False, description="Reverse the column order (after transpose).")
     crop_pixels: int | None = Field(None, gt=0, description="Side of a central square crop; None keeps the frame.")
     bin_factor: int = Field(1, ge=1, description="Mean-bin the (cropped) frame by this factor.")
-    resize_pixels: int | None = Field(None, gt=0, description="Area-resample to this side after binning; None keeps it.")
+    resize_pixels: int | None = Field(
+        None, gt=0, description="Area-resample to this side after binning; None keeps it."
+    )
     threshold_counts: float = Field(0.0, ge=0, description="Counts below this become zero (the paper used 3).")
     transform: Literal["none", "sqrt", "log1p"] = Field("sqrt", description="Pointwise transform of the counts.")
     scale: float = Field(1.0, gt=0, description="Multiplier after the transform, fitted on the training frames.")

@@ -33,7 +33,9 @@ def training_set_from_scan(scan: ScanData, *, lines: float = 1.0, source: dict |
         phase=phase,
         positions_m=scan.positions_m[index],
         groups=np.zeros(len(index), np.int64),
-        sources=[{**(source or {}), "label_source": "simulation_truth", "lines_fraction": lines, "frames": int(len(index))}],
+        sources=[
+            {**(source or {}), "label_source": "simulation_truth", "lines_fraction": lines, "frames": int(len(index))}
+        ],
     )
 
 

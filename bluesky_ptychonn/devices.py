@@ -219,12 +219,30 @@ class PtychoDetector(Device):
         n = settings.geometry.frame_pixels
         source = f"sim://{self.name}"
         return {
-            FRAMES_KEY: {"source": source, "dtype": "array", "dtype_numpy": "<u4", "shape": [n, n],
-                         "units": "counts", "external": "STREAM:"},
-            POSITIONS_KEY: {"source": source, "dtype": "array", "dtype_numpy": "<f8", "shape": [2],
-                            "units": "m", "external": "STREAM:"},
-            FRAME_ID_KEY: {"source": source, "dtype": "integer", "dtype_numpy": "<i8", "shape": [],
-                           "units": "", "external": "STREAM:"},
+            FRAMES_KEY: {
+                "source": source,
+                "dtype": "array",
+                "dtype_numpy": "<u4",
+                "shape": [n, n],
+                "units": "counts",
+                "external": "STREAM:",
+            },
+            POSITIONS_KEY: {
+                "source": source,
+                "dtype": "array",
+                "dtype_numpy": "<f8",
+                "shape": [2],
+                "units": "m",
+                "external": "STREAM:",
+            },
+            FRAME_ID_KEY: {
+                "source": source,
+                "dtype": "integer",
+                "dtype_numpy": "<i8",
+                "shape": [],
+                "units": "",
+                "external": "STREAM:",
+            },
         }
 
     def collect(self) -> Iterator[dict]:
@@ -253,8 +271,9 @@ class PtychoDetector(Device):
                     parameters={"dataset": dataset, "chunk_shape": chunk_shapes[key], "swmr": True},
                 )
                 yield "stream_resource", self._bundles[key].stream_resource_doc
-            yield "stream_datum", self._bundles[key].compose_stream_datum(
-                indices=StreamRange(start=self._frames_emitted, stop=stop)
+            yield (
+                "stream_datum",
+                self._bundles[key].compose_stream_datum(indices=StreamRange(start=self._frames_emitted, stop=stop)),
             )
         self._frames_emitted = stop
 

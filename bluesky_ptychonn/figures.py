@@ -33,7 +33,9 @@ def save_figure(
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
         p, (y0, x0) = grid.pixel_size_m * 1e6, np.asarray(grid.origin_m) * 1e6
-        extent = np.array([x0 + (cols[0] - 0.5) * p, x0 + (cols[-1] + 0.5) * p, y0 + (rows[-1] + 0.5) * p, y0 + (rows[0] - 0.5) * p])
+        extent = np.array(
+            [x0 + (cols[0] - 0.5) * p, x0 + (cols[-1] + 0.5) * p, y0 + (rows[-1] + 0.5) * p, y0 + (rows[0] - 0.5) * p]
+        )
     amp_range = [np.percentile(np.concatenate([a[box].ravel() for _, a, _ in panels]), q) for q in (1, 99)]
     phase_range = [np.percentile(np.concatenate([ph[box].ravel() for _, _, ph in panels]), q) for q in (1, 99)]
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.6), squeeze=False)

@@ -93,7 +93,11 @@ class ObjectGrid:
         # symmetric scan gives a symmetric image.
         shape = np.ceil((hi - lo) / pixel_size_m - 1e-6).astype(int) + 1
         origin = (lo + hi) / 2 - (shape - 1) / 2 * pixel_size_m
-        return cls(shape=(int(shape[0]), int(shape[1])), pixel_size_m=float(pixel_size_m), origin_m=(float(origin[0]), float(origin[1])))
+        return cls(
+            shape=(int(shape[0]), int(shape[1])),
+            pixel_size_m=float(pixel_size_m),
+            origin_m=(float(origin[0]), float(origin[1])),
+        )
 
     def to_pixels(self, positions_m: np.ndarray) -> np.ndarray:
         """Fractional pixel coordinates (y, x) of positions in metres."""

@@ -112,8 +112,10 @@ class LiveReconstruction:
         frames = np.asarray(frames)
         expected = tuple(self.predictor.info.recipe.frame_shape)
         if frames.shape[-2:] != expected:  # refuse here: one bad shape must not sink a whole micro-batch
-            self.record_error(f"dropped {len(np.atleast_1d(frame_ids))} frames of shape {frames.shape[-2:]}, "
-                              f"the model expects {expected}")
+            self.record_error(
+                f"dropped {len(np.atleast_1d(frame_ids))} frames of shape {frames.shape[-2:]}, "
+                f"the model expects {expected}"
+            )
             self._count("frames_dropped", len(np.atleast_1d(frame_ids)))
             return
         self._queue.put((np.asarray(frame_ids), frames, np.asarray(positions_m, np.float64)))
@@ -203,7 +205,9 @@ class LiveReconstruction:
         if self.options.saturation_counts is not None:
             keep &= frames.reshape(len(frames), -1).max(axis=1) < self.options.saturation_counts
         if (~keep).any():
-            self.record_error(f"dropped {int((~keep).sum())} NaN, negative or saturated frames (ids {ids[~keep][:5].tolist()})")
+            self.record_error(
+                f"dropped {int((~keep).sum())} NaN, negative or saturated frames (ids {ids[~keep][:5].tolist()})"
+            )
             self._count("frames_dropped", int((~keep).sum()))
         try:
             self.stitcher.grid.patch_corners(positions[keep], self.stitcher.n)
@@ -214,7 +218,9 @@ class LiveReconstruction:
                     self.stitcher.grid.patch_corners(positions[i : i + 1], self.stitcher.n)
                 except PositionError:
                     off[i] = True
-            self.record_error(f"dropped {int(off.sum())} frames whose positions are off the grid (ids {ids[off][:5].tolist()})")
+            self.record_error(
+                f"dropped {int(off.sum())} frames whose positions are off the grid (ids {ids[off][:5].tolist()})"
+            )
             self._count("frames_dropped", int(off.sum()))
             keep &= ~off
         fresh = np.array([int(i) not in self._seen for i in ids])
@@ -270,5 +276,3 @@ class LiveReconstruction:
             return False
         self.timings["publish_s"] += time.perf_counter() - t0
         return True
-
-

@@ -53,7 +53,10 @@ class PtychoNN(nn.Module):
         layers: list[nn.Module] = []
         c_in = channels[-1]
         for c in reversed(channels):
-            layers += [*_conv_pair(c_in, c, self.config.batch_norm), nn.Upsample(scale_factor=2, mode=self.config.upsample)]
+            layers += [
+                *_conv_pair(c_in, c, self.config.batch_norm),
+                nn.Upsample(scale_factor=2, mode=self.config.upsample),
+            ]
             c_in = c
         layers.append(nn.Conv2d(c_in, 1, 3, padding=1))
         return nn.Sequential(*layers)

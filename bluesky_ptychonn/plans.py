@@ -112,9 +112,15 @@ def ptycho_fly_scan(
         "num_intervals": trajectory.num_points - 1,
         "plan_name": "ptycho_fly_scan",
         "plan_type": "generator",
-        "plan_args": {"step_m": step_m, "shape": list(trajectory.shape), "center_m": list(trajectory.center_m),
-                      "snake": snake, "exposure_s": settings.exposure_s,
-                      "photons_per_frame": settings.photons_per_frame, "sample_id": sample.sample_id},
+        "plan_args": {
+            "step_m": step_m,
+            "shape": list(trajectory.shape),
+            "center_m": list(trajectory.center_m),
+            "snake": snake,
+            "exposure_s": settings.exposure_s,
+            "photons_per_frame": settings.photons_per_frame,
+            "sample_id": sample.sample_id,
+        },
         "sample": sample.sample_id,
         **md,
         "ptychography": ptychography_metadata(scan, stream_name),
@@ -156,8 +162,9 @@ def _fly(
         yield from bps.declare_stream(detector, name=stream_name, collect=True)
         yield from bps.kickoff(detector, wait=True)
         kicked_off = True
-        yield from bps.collect_while_completing([detector], [detector], flush_period=flush_period_s,
-                                                stream_name=stream_name)
+        yield from bps.collect_while_completing(
+            [detector], [detector], flush_period=flush_period_s, stream_name=stream_name
+        )
 
     def cleanup() -> Generator[Msg, Any, None]:
         # Also on failure or abort: stop the writer, then announce every frame already on disk,
@@ -224,8 +231,10 @@ def ptychography_section(start: Mapping[str, Any]) -> dict:
     if not isinstance(section, Mapping):
         raise RunError(f"run {start.get('uid', '?')} has no 'ptychography' section in its start document")
     if section.get("version") != METADATA_VERSION:
-        raise RunError(f"run {start.get('uid', '?')}: ptychography metadata version {section.get('version')!r} "
-                       f"is not {METADATA_VERSION}")
+        raise RunError(
+            f"run {start.get('uid', '?')}: ptychography metadata version {section.get('version')!r} "
+            f"is not {METADATA_VERSION}"
+        )
     return dict(section)
 
 
@@ -239,7 +248,11 @@ def nominal_positions_from_start(start: Mapping[str, Any]) -> np.ndarray:
     """The trajectory's nominal positions (N, 2) (y, x) in metres, rebuilt from the start document."""
     scan = ptychography_section(start)["scan"]
     trajectory = FlyTrajectory(
-        kind=scan["kind"], shape=tuple(scan["shape"]), step_m=scan["step_m"], center_m=tuple(scan["center_m"]),
-        period_s=scan["period_s"], exposure_s=scan["exposure_s"],
+        kind=scan["kind"],
+        shape=tuple(scan["shape"]),
+        step_m=scan["step_m"],
+        center_m=tuple(scan["center_m"]),
+        period_s=scan["period_s"],
+        exposure_s=scan["exposure_s"],
     )
     return trajectory.positions_m()

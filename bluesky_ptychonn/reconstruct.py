@@ -67,7 +67,9 @@ def reconstruct(
     return stitcher.snapshot()
 
 
-def evaluate(image: StitchedImage, truth: np.ndarray, truth_grid: ObjectGrid, coverage: float = 0.5) -> dict[str, float]:
+def evaluate(
+    image: StitchedImage, truth: np.ndarray, truth_grid: ObjectGrid, coverage: float = 0.5
+) -> dict[str, float]:
     """PSNR, SSIM and Pearson of the stitched image against a complex reference on the scanned region.
 
     The reference must be on the image's grid (same shape, pixel size and origin); the region is

@@ -160,7 +160,6 @@ class SampleRegistry:
         return iter(sorted(self._samples))
 
 
-
 # ----------------------------------------------------------------------------------------------
 # What the detector is prepared with: its settings and the fly trajectory
 

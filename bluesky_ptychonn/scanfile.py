@@ -86,7 +86,9 @@ def read_scan(path: str | Path) -> ScanData:
             frame_ids = f["entry/data/frame_id"][()] if "entry/data/frame_id" in f else np.arange(len(frames))
             geometry = DetectorGeometry(**{k: f["entry/instrument"].attrs[k] for k in DetectorGeometry.model_fields})
         except KeyError as err:
-            raise ScanFileError(f"{path} lacks {err}: expected /entry/data/{{data,positions_m}} and /entry/instrument") from err
+            raise ScanFileError(
+                f"{path} lacks {err}: expected /entry/data/{{data,positions_m}} and /entry/instrument"
+            ) from err
         probe = f["entry/probe"][()] if "entry/probe" in f else None
         truth, grid = None, None
         if "entry/simulation_truth/object" in f:

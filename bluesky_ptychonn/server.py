@@ -88,9 +88,23 @@ class FacilityServer:
         """The ``tiled serve catalog`` command line (without the key, which goes in the environment)."""
         catalog = self.catalog or f"sqlite:///{self.directory / 'catalog.db'}"
         tables = self.tables or f"duckdb:///{self.directory / 'tables.duckdb'}"
-        cmd = [sys.executable, "-m", "tiled", "serve", "catalog", catalog, "--init",
-               "-w", str(self.directory / "data"), "-w", tables,
-               "--host", self.host, "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tiled",
+            "serve",
+            "catalog",
+            catalog,
+            "--init",
+            "-w",
+            str(self.directory / "data"),
+            "-w",
+            tables,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
         for path in self.readable:
             cmd += ["-r", str(path)]
         if self.public:
@@ -160,8 +174,14 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """Register ``serve`` on the ``bluesky-ptychonn`` command line; returns its parser."""
     p = subparsers.add_parser("serve", help="run a persistent Tiled server with the 'raw' catalog of Bluesky runs")
     p.add_argument("directory", type=Path, help="folder for the catalog, array data and tables")
-    p.add_argument("-r", "--detector-data", type=Path, action="append", default=[],
-                   help="detector data folder the server may read (repeat for several)")
+    p.add_argument(
+        "-r",
+        "--detector-data",
+        type=Path,
+        action="append",
+        default=[],
+        help="detector data folder the server may read (repeat for several)",
+    )
     p.add_argument("--catalog", default=None, help="catalog database URI (default: SQLite in DIRECTORY)")
     p.add_argument("--tables", default=None, help="tabular storage URI (default: DuckDB in DIRECTORY)")
     p.add_argument("--api-key", default=None, help=f"API key for writes (default: ${API_KEY_ENV})")

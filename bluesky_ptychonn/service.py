@@ -129,7 +129,9 @@ class ModelWatcher:
         try:
             predictor = Predictor.from_checkpoint(self.section.checkpoint, device=self.section.device)
         except CheckpointError as err:  # a half-written or bad file: keep the current model
-            logger.error("new checkpoint refused, keeping model %s: %s", self.callback.predictor.info.content_hash[:12], err)
+            logger.error(
+                "new checkpoint refused, keeping model %s: %s", self.callback.predictor.info.content_hash[:12], err
+            )
             return False
         if predictor.info.content_hash == self.callback.predictor.info.content_hash:
             return False
@@ -161,7 +163,9 @@ def consume(config: ServiceConfig) -> None:
     watcher = ModelWatcher(callback, config.model).start()
     dispatcher = RemoteDispatcher(config.zmq.address, prefix=config.zmq.prefix.encode())
     dispatcher.subscribe(callback)
-    logger.warning("consuming documents from %s with model %s", config.zmq.address, callback.predictor.info.content_hash[:12])
+    logger.warning(
+        "consuming documents from %s with model %s", config.zmq.address, callback.predictor.info.content_hash[:12]
+    )
     try:
         dispatcher.start()
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ geometry (:meth:`~bluesky_ptychonn.config.DetectorGeometry.pixel_size_m`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -157,7 +158,7 @@ def _unit_power(probe: np.ndarray) -> np.ndarray:
 
 def make_probe(kind: Literal["zone_plate", "gaussian"], n: int, **params: float) -> np.ndarray:
     """Build a probe from a description (as stored in run metadata): ``kind`` plus its parameters."""
-    builders = {"zone_plate": zone_plate_probe, "gaussian": gaussian_probe}
+    builders: dict[str, Callable[..., np.ndarray]] = {"zone_plate": zone_plate_probe, "gaussian": gaussian_probe}
     if kind not in builders:
         raise ConfigurationError(f"unknown probe kind {kind!r}; expected one of {sorted(builders)}")
     try:

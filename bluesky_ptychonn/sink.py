@@ -59,9 +59,13 @@ class TiledSink:
     def _container(self, metadata: dict[str, Any]) -> Any:
         if self._node is not None:
             return self._node
-        processed = self.client["processed"] if "processed" in self.client else self.client.create_container("processed")
-        run = processed[self.raw_uid] if self.raw_uid in processed else processed.create_container(
-            self.raw_uid, metadata={"raw_uid": self.raw_uid}
+        processed = (
+            self.client["processed"] if "processed" in self.client else self.client.create_container("processed")
+        )
+        run = (
+            processed[self.raw_uid]
+            if self.raw_uid in processed
+            else processed.create_container(self.raw_uid, metadata={"raw_uid": self.raw_uid})
         )
         if self.name in run and self.replace:
             run[self.name].delete(recursive=True, external_only=False)

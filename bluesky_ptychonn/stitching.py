@@ -47,7 +47,8 @@ class StitchedImage:
 
     def covered(self, fraction: float = 0.1) -> np.ndarray:
         """Mask of pixels whose weight is at least ``fraction`` of the maximum."""
-        return self.weight >= fraction * max(float(self.weight.max()), np.finfo(np.float32).tiny)
+        peak = max(float(self.weight.max()), float(np.finfo(np.float32).tiny))
+        return self.weight >= fraction * peak
 
 
 class PatchStitcher:

@@ -113,13 +113,19 @@ def fit(
     """
     config = config or TrainConfig()
     if data.amplitude.shape[1:] != (network.input_pixels, network.input_pixels):
-        raise ConfigurationError(f"labels of shape {data.amplitude.shape[1:]} do not match a {network.input_pixels}-pixel network")
+        raise ConfigurationError(
+            f"labels of shape {data.amplitude.shape[1:]} do not match a {network.input_pixels}-pixel network"
+        )
     if recipe.output_pixels != network.input_pixels:
-        raise ConfigurationError(f"the recipe makes {recipe.output_pixels}-pixel inputs for a {network.input_pixels}-pixel network")
+        raise ConfigurationError(
+            f"the recipe makes {recipe.output_pixels}-pixel inputs for a {network.input_pixels}-pixel network"
+        )
     check_frames(data.frames, recipe.frame_shape)
     train_idx, val_idx = spatial_split(data.positions_m, data.groups, config.validation_fraction)
     if len(train_idx) == 0 or len(val_idx) == 0:
-        raise ConfigurationError(f"need frames for both training and validation, got {len(train_idx)} and {len(val_idx)}")
+        raise ConfigurationError(
+            f"need frames for both training and validation, got {len(train_idx)} and {len(val_idx)}"
+        )
     if fit_scale:
         recipe = recipe.model_copy(update={"scale": fitted_scale(data.frames[train_idx], recipe)})
 
@@ -151,7 +157,9 @@ def fit(
         total = 0.0
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
             for s in range(0, len(xv), 256):
-                total += float(_loss(model, xv[s : s + 256], av[s : s + 256], pv[s : s + 256], weight)) * len(xv[s : s + 256])
+                total += float(_loss(model, xv[s : s + 256], av[s : s + 256], pv[s : s + 256], weight)) * len(
+                    xv[s : s + 256]
+                )
         return total / len(xv)
 
     best_loss, best_state, best_epoch, history = float("inf"), None, 0, []
@@ -223,7 +231,9 @@ def choose_transform(
     """
     scores = {}
     for name in candidates:
-        _, info = fit(data, network, recipe.model_copy(update={"transform": name}), config, device=device, progress=False)
+        _, info = fit(
+            data, network, recipe.model_copy(update={"transform": name}), config, device=device, progress=False
+        )
         scores[name] = float(info.metrics["best_val_loss"])
         logger.info("transform %s: validation loss %.4f", name, scores[name])
     return min(scores, key=scores.__getitem__), scores

@@ -1,13 +1,17 @@
-"""The demo: the paper's protocol on simulated physics, end to end on this machine.
+"""The demo: live PtychoNN during a simulated fly scan, on the embedded default (in-process Tiled).
 
-1. Simulate raster scans (64x64 frames, ~50 % probe overlap) of several random-features objects
-   of one family, and a target scan of a new object.
-2. Train PtychoNN on the other objects plus the first 60 % of the target's scan lines, with
-   ground-truth labels (or reuse the cached model from an earlier run with the same settings).
-3. Reconstruct the held-out 40 % of the target's lines, compare with the ground truth, and write
-   ``summary.json`` and a PNG (PtychoNN beside the truth) to the output folder.
+1. Start Tiled in this process (catalog and storage under ``<out>/tiled``; the detector writes
+   its HDF5 files under ``<out>/data``, which the server serves as readable storage).
+2. Fly a prior scan of one region of a simulated random-features sample; it is archived in
+   ``raw`` by TiledWriter like every run.
+3. Train PtychoNN on that run, read back through Tiled with its simulation truth as labels, plus
+   scans of other objects of the same family (or reuse the model cached by an earlier demo).
+4. Fly a scan of a new region of the sample with the PtychoNN callback subscribed: amplitude and
+   phase grow in ``processed/<uid>/ptychonn`` while the stage moves.
+5. Read the live result back from Tiled, compare it with the ground truth, and write
+   ``summary.json`` and ``live_reconstruction.png`` (PtychoNN beside the truth).
 
-Run ``python examples/demo.py --help`` for the knobs; ``make demo`` runs it with the defaults.
+``python examples/demo.py --help`` lists the knobs; ``make demo`` runs the defaults.
 """
 
 from __future__ import annotations
@@ -25,88 +29,165 @@ import numpy as np
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("demo-output"))
-    p.add_argument("--rows", type=int, default=32, help="scan lines (and points per line) of every scan")
-    p.add_argument("--train-objects", type=int, default=2, help="other objects of the family to train on")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--rows", type=int, default=32, help="scan lines (and points per line) of each scan")
+    p.add_argument("--family-objects", type=int, default=3, help="other objects of the family to train on")
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--network", choices=("paper", "small"), default="small")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
-    p.add_argument("--retrain", action="store_true", help="ignore a cached model")
+    p.add_argument("--retrain", action="store_true", help="train even if a cached model matches")
     return p.parse_args(argv)
+
+
+def train_model(args: argparse.Namespace, prior_run, models: Path):
+    """Train on the prior run (through Tiled) and the family objects, or load the cached model."""
+    from bluesky_ptychonn.checkpoint import save_checkpoint
+    from bluesky_ptychonn.config import NetworkConfig, PreprocessRecipe, TrainConfig
+    from bluesky_ptychonn.datasets import training_set_from_scan
+    from bluesky_ptychonn.inference import Predictor
+    from bluesky_ptychonn.runs import scan_from_run
+    from bluesky_ptychonn.scanfile import ScanData
+    from bluesky_ptychonn.simulate import simulate_scan
+    from bluesky_ptychonn.training import TrainingSet, fit
+
+    network = NetworkConfig.preset(args.network).model_copy(update={"batch_norm": True})
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=0)
+    prior = scan_from_run(prior_run)
+    settings = {
+        "network": network.model_dump(),
+        "train": config.model_dump(),
+        "objects": args.family_objects,
+        "rows": args.rows,
+        "prior_frames": int(len(prior.frames)),
+        "sample": prior.metadata["sample_id"],
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = models / f"ptychonn-{key}.safetensors"
+    if path.exists() and not args.retrain:
+        print(f"[model] reusing {path} (delete it or pass --retrain to train again)")
+        return Predictor.from_checkpoint(path, device=args.device), 0.0
+    parts = [training_set_from_scan(prior, source={"run_uid": prior.metadata["uid"]})]
+    for seed in range(args.family_objects):
+        s = simulate_scan(object_seed=seed, scan_shape=(args.rows, args.rows), noise_seed=seed)
+        scan = ScanData(s.frames, s.positions_m, s.frame_ids, s.geometry, s.probe, s.obj, s.grid)
+        parts.append(training_set_from_scan(scan, source={"simulated_object_seed": seed}))
+    data = TrainingSet.concatenate(parts)
+    print(
+        f"[model] training the {args.network} network on {len(data.frames)} frames "
+        f"({len(parts[0].frames)} from the prior run, the rest from {args.family_objects} objects of the family)"
+    )
+    model, info = fit(data, network, PreprocessRecipe(transform="sqrt"), config, device=args.device)
+    save_checkpoint(path, model, info)
+    print(
+        f"[model] best validation loss {info.metrics['best_val_loss']:.4f} at epoch {info.metrics['best_epoch']}, "
+        f"saved to {path}"
+    )
+    return Predictor(model, info, device=args.device), float(info.metrics["train_seconds"])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
+    from bluesky import RunEngine
 
-    from bluesky_ptychonn.checkpoint import save_checkpoint
-    from bluesky_ptychonn.config import NetworkConfig, PreprocessRecipe, TrainConfig
+    from bluesky_ptychonn.archive import read_simulation_truth, start_embedded_server, subscribe_archive
+    from bluesky_ptychonn.callback import CallbackConfig, PtychoNNCallback
+    from bluesky_ptychonn.devices import PtychoDetector, SimStage
     from bluesky_ptychonn.figures import save_figure
-    from bluesky_ptychonn.inference import Predictor
-    from bluesky_ptychonn.reconstruct import evaluate, reconstruct, split_lines
-    from bluesky_ptychonn.simulate import simulate_scan
-    from bluesky_ptychonn.training import TrainingSet, fit
+    from bluesky_ptychonn.geometry import ObjectGrid
+    from bluesky_ptychonn.metrics import compare
+    from bluesky_ptychonn.plans import ptycho_fly_scan
+    from bluesky_ptychonn.sample import default_registry
+    from bluesky_ptychonn.simulate import probe_diameter_px
 
     started = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    shape = (args.rows, args.rows)
-    print(f"simulating {args.train_objects + 1} scans of {shape[0]}x{shape[1]} points (64x64 frames, 50 % overlap)")
-    target = simulate_scan(object_seed=1000, scan_shape=shape, noise_seed=1000)
-    train_idx, test_idx = split_lines(target.positions_m, 0.6)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[tiled] starting the embedded Tiled server (catalog in {out / 'tiled'})")
+    archive = start_embedded_server(out / "data", directory=out / "tiled")
+    try:
+        run_engine = RunEngine({})
+        subscribe_archive(run_engine, archive.client)
+        sample = default_registry().get("sim-features-0")
+        stage = SimStage(name="stage")
+        detector = PtychoDetector(name="ptycho", stage=stage, data_dir=archive.data_dir, sample=sample.sample_id)
+        probe = detector.settings.probe_array()
+        step_m = 0.5 * probe_diameter_px(probe) * sample.pixel_size_m  # 50 % probe overlap
+        half_width_m = (args.rows - 1) * step_m / 2 + 5e-6
 
-    def labelled(scan, idx, name):
-        amp, phase = scan.truth_patches()
-        return TrainingSet(scan.frames[idx], amp[idx], phase[idx], scan.positions_m[idx], np.zeros(len(idx), np.int64),
-                           [{"scan": name, "label_source": "simulation_truth", "frames": int(len(idx))}])
+        print(f"[scan] prior fly scan: {args.rows}x{args.rows} points, step {step_m * 1e9:.0f} nm")
+        (prior_uid,) = run_engine(
+            ptycho_fly_scan(
+                detector,
+                stage,
+                step_m=step_m,
+                shape=(args.rows, args.rows),
+                center_m=(-half_width_m, 0.0),
+                md={"purpose": "demo prior"},
+            )
+        )
+        predictor, train_seconds = train_model(args, archive.raw[prior_uid], out / "models")
 
-    network = NetworkConfig.preset(args.network).model_copy(update={"batch_norm": True})
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=0)
-    settings = json.dumps({"rows": args.rows, "objects": args.train_objects, "network": network.model_dump(),
-                           "train": config.model_dump()}, sort_keys=True)
-    ckpt = args.out / f"model-{hashlib.sha256(settings.encode()).hexdigest()[:12]}.safetensors"
-    if ckpt.exists() and not args.retrain:
-        print(f"reusing the cached model {ckpt}")
-        predictor = Predictor.from_checkpoint(ckpt, device=args.device)
-        train_seconds = 0.0
-    else:
-        parts = [labelled(target, train_idx, "target, first 60 % of lines")]
-        for k in range(args.train_objects):
-            other = simulate_scan(object_seed=k, scan_shape=shape, noise_seed=k)
-            parts.append(labelled(other, np.arange(len(other.frames)), f"object {k}"))
-        data = TrainingSet.concatenate(parts)
-        print(f"training the {args.network} network on {len(data.frames)} frames for up to {args.epochs} epochs")
-        model, info = fit(data, network, PreprocessRecipe(transform="sqrt"), config, device=args.device)
-        save_checkpoint(ckpt, model, info)
-        predictor = Predictor(model, info, device=args.device)
-        train_seconds = info.metrics["train_seconds"]
+        callback = PtychoNNCallback(predictor, archive.client, CallbackConfig(data_roots=[archive.data_dir]))
+        run_engine.subscribe(callback)
+        print(f"[scan] live fly scan of a new region with PtychoNN subscribed ({predictor.device})")
+        t0 = time.time()
+        (uid,) = run_engine(
+            ptycho_fly_scan(
+                detector,
+                stage,
+                step_m=step_m,
+                shape=(args.rows, args.rows),
+                center_m=(half_width_m, 0.0),
+                md={"purpose": "demo live"},
+            )
+        )
+        scan_seconds = time.time() - t0
+        if not callback.wait(uid, 600):
+            raise RuntimeError(f"the live result of {uid} was not written")
+        done = time.time()
 
-    print(f"reconstructing the held-out {len(test_idx)} frames (last 40 % of lines)")
-    t0 = time.perf_counter()
-    image = reconstruct(predictor, target.frames[test_idx], target.positions_m[test_idx], grid=target.grid)
-    recon_seconds = time.perf_counter() - t0
-    metrics = evaluate(image, target.obj, target.grid)
-    summary = {
-        **{k: round(v, 4) for k, v in metrics.items()},
-        "frames": int(len(test_idx)),
-        "train_frames": int(len(train_idx)) + args.train_objects * shape[0] * shape[1],
-        "device": str(predictor.device),
-        "torch_threads": torch.get_num_threads(),
-        "network": args.network,
-        "model_hash": predictor.info.content_hash,
-        "train_seconds": round(train_seconds, 1),
-        "reconstruct_seconds": round(recon_seconds, 2),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    figure = save_figure(
-        args.out / "reconstruction.png",
-        [("PtychoNN", image.amplitude, image.phase), ("ground truth", np.abs(target.obj), np.angle(target.obj))],
-        target.grid,
-        mask=image.covered(0.5),
-        title=f"held-out lines: phase SSIM {metrics['phase_ssim']:.2f}, amplitude SSIM {metrics['amplitude_ssim']:.2f}",
-    )
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    print(f"figure: {figure}\nsummary: {args.out / 'summary.json'}")
+        node = archive.client["processed"][uid]["ptychonn"]
+        md = dict(node.metadata)
+        amplitude, phase, weight = (node[k].read() for k in ("amplitude", "phase", "weight"))
+        truth, grid = read_simulation_truth(archive.raw[uid])
+        if grid != ObjectGrid.from_metadata(md["grid"]):
+            raise RuntimeError("the live result is not on the run's sample-aligned grid")
+        region = weight >= 0.5 * weight.max()
+        metrics = compare(amplitude, phase, np.abs(truth), np.angle(truth), region)
+        live_fps = md["frames_done"] / (done - md["first_frame"])
+        result_uri = f"{archive.client.context.api_uri}metadata/processed/{uid}/ptychonn"
+        summary = {
+            **{k: round(v, 4) for k, v in metrics.items()},
+            "frames": md["frames_done"],
+            "device": str(predictor.device),
+            "network": args.network,
+            "model_hash": predictor.info.content_hash,
+            "tiled_uri": result_uri,
+            "run_uid": uid,
+            "prior_run_uid": prior_uid,
+            "live_frames_per_s": round(live_fps, 1),
+            "scan_seconds": round(scan_seconds, 2),
+            "first_frame_to_final_write_s": round(done - md["first_frame"], 2),
+            "train_seconds": round(train_seconds, 1),
+            "status": md["status"],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        figure = save_figure(
+            out / "live_reconstruction.png",
+            [("PtychoNN, live", amplitude, phase), ("ground truth", np.abs(truth), np.angle(truth))],
+            grid,
+            mask=region,
+            title=f"run {uid[:8]}: {md['frames_done']} frames; phase SSIM {metrics['phase_ssim']:.2f}, "
+            f"amplitude SSIM {metrics['amplitude_ssim']:.2f}",
+        )
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+        print(
+            f"[done] live result in Tiled: {result_uri}\n[done] raw run: {archive.raw.uri}/{uid}\n"
+            f"[done] figure {figure}, summary {out / 'summary.json'}"
+        )
+    finally:
+        archive.close()
     return 0
 
 

@@ -27,16 +27,26 @@ from bluesky_ptychonn.sample import DetectorSettings, SimulatedSample, default_r
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--directory", type=Path, default=Path("fly-scan-output"),
-                        help="embedded server's catalog and storage (and default detector data)")
+    parser.add_argument(
+        "--directory",
+        type=Path,
+        default=Path("fly-scan-output"),
+        help="embedded server's catalog and storage (and default detector data)",
+    )
     parser.add_argument("--uri", default=None, help="Tiled server to write to instead of an embedded one")
     parser.add_argument("--api-key", default=None, help="API key of --uri")
     parser.add_argument("--data-dir", type=Path, default=None, help="detector HDF5 folder (server-readable)")
     parser.add_argument("--rows", type=int, default=16, help="scan lines")
     parser.add_argument("--cols", type=int, default=16, help="points per line")
     parser.add_argument("--step-m", type=float, default=3e-7, help="scan step in metres")
-    parser.add_argument("--center-m", type=float, nargs=2, default=(0.0, 0.0), metavar=("Y", "X"),
-                        help="scan centre in metres; another centre scans a new region of the same sample")
+    parser.add_argument(
+        "--center-m",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        metavar=("Y", "X"),
+        help="scan centre in metres; another centre scans a new region of the same sample",
+    )
     parser.add_argument("--raster", action="store_true", help="raster with fly-back instead of snake")
     parser.add_argument("--exposure-s", type=float, default=1e-3)
     parser.add_argument("--photons", type=float, default=1e6, help="photons per frame")
@@ -72,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         run_engine = RunEngine({})
         subscribe_archive(run_engine, client)
         plan = ptycho_fly_scan(
-            detector, stage, step_m=args.step_m, shape=(args.rows, args.cols), center_m=tuple(args.center_m),
-            snake=not args.raster, exposure_s=args.exposure_s, photons_per_frame=args.photons,
+            detector,
+            stage,
+            step_m=args.step_m,
+            shape=(args.rows, args.cols),
+            center_m=tuple(args.center_m),
+            snake=not args.raster,
+            exposure_s=args.exposure_s,
+            photons_per_frame=args.photons,
         )
         (uid,) = run_engine(plan)
         print(f"tiled_uri: {client.context.api_uri}")

@@ -82,7 +82,13 @@ def test_live_result_equals_offline_reconstruction(tiled_server, live_setup, che
     # (an untrained model here: the figure is reported, not judged).
     truth, truth_grid = read_simulation_truth(tiled_server.raw[uid])
     assert truth_grid == grid
-    quality = compare(arrays["amplitude"], arrays["phase"], np.abs(truth), np.angle(truth), arrays["weight"] > 0.5 * arrays["weight"].max())
+    quality = compare(
+        arrays["amplitude"],
+        arrays["phase"],
+        np.abs(truth),
+        np.angle(truth),
+        arrays["weight"] > 0.5 * arrays["weight"].max(),
+    )
     assert set(quality) >= {"amplitude_ssim", "phase_ssim"}
     print("untrained tiny model against truth:", {k: round(v, 3) for k, v in quality.items()})
 
@@ -109,8 +115,9 @@ def test_reader_sees_partial_coverage_grow_during_the_scan(tiled_server, live_se
     try:
         # 12 lines of 8 at 50 ms a frame: about 5 s of scanning with a snapshot every 0.1 s,
         # while one poll of Tiled (several requests) takes a few tenths of a second.
-        (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(12, 8), exposure_s=0.05,
-                                            flush_period_s=0.1))
+        (uid,) = run_engine(
+            ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(12, 8), exposure_s=0.05, flush_period_s=0.1)
+        )
         assert callback.wait(uid, 60)
     finally:
         time.sleep(0.3)
@@ -128,8 +135,12 @@ def test_aborted_run_keeps_the_partial_image(tiled_server, live_setup):
     run_engine.subscribe(lambda name, doc: uid_box.append(doc["uid"]), "start")
 
     def pause_once_frames_are_in():
-        while not (uid_box and callback.runs.get(uid_box[0]) and callback.runs[uid_box[0]].live
-                   and callback.runs[uid_box[0]].live.metadata["frames_done"] > 0):
+        while not (
+            uid_box
+            and callback.runs.get(uid_box[0])
+            and callback.runs[uid_box[0]].live
+            and callback.runs[uid_box[0]].live.metadata["frames_done"] > 0
+        ):
             time.sleep(0.02)
         run_engine.request_pause()
 
@@ -154,8 +165,9 @@ def test_other_runs_are_ignored(tiled_server, live_setup):
 
 def test_files_outside_the_data_roots_are_never_opened(tiled_server, make_devices, tmp_path, checkpoint):
     run_engine = RunEngine({})
-    callback = PtychoNNCallback.from_checkpoint(checkpoint, tiled_server.client, device="cpu",
-                                                data_roots=[tmp_path / "elsewhere"], live=FAST)
+    callback = PtychoNNCallback.from_checkpoint(
+        checkpoint, tiled_server.client, device="cpu", data_roots=[tmp_path / "elsewhere"], live=FAST
+    )
     run_engine.subscribe(callback)
     stage, detector = make_devices(tiled_server.data_dir / tmp_path.name)
     (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(3, 4), exposure_s=2e-3))
@@ -169,28 +181,42 @@ def _inline_run(frames, positions, section, frame_ids=None):
     """Documents of a run whose frames travel inline in one EventPage (no files)."""
     bundle = event_model.compose_run(metadata={"ptychography": section})
     n = frames.shape[-1]
-    desc = bundle.compose_descriptor(name="primary", data_keys={
-        "diffraction": {"source": "test", "dtype": "array", "shape": [n, n]},
-        "positions_m": {"source": "test", "dtype": "array", "shape": [2]},
-        "frame_id": {"source": "test", "dtype": "integer", "shape": []},
-    })
+    desc = bundle.compose_descriptor(
+        name="primary",
+        data_keys={
+            "diffraction": {"source": "test", "dtype": "array", "shape": [n, n]},
+            "positions_m": {"source": "test", "dtype": "array", "shape": [2]},
+            "frame_id": {"source": "test", "dtype": "integer", "shape": []},
+        },
+    )
     ids = np.arange(len(frames)) if frame_ids is None else frame_ids
     page = desc.compose_event_page(
         data={"diffraction": list(frames), "positions_m": list(positions), "frame_id": list(ids)},
         timestamps={k: [0.0] * len(frames) for k in ("diffraction", "positions_m", "frame_id")},
-        seq_num=list(range(1, len(frames) + 1)), time=[0.0] * len(frames), validate=False,
+        seq_num=list(range(1, len(frames) + 1)),
+        time=[0.0] * len(frames),
+        validate=False,
     )
-    return [("start", bundle.start_doc), ("descriptor", desc.descriptor_doc), ("event_page", page),
-            ("stop", bundle.compose_stop())]
+    return [
+        ("start", bundle.start_doc),
+        ("descriptor", desc.descriptor_doc),
+        ("event_page", page),
+        ("stop", bundle.compose_stop()),
+    ]
 
 
 def test_inline_frames_and_malformed_documents(checkpoint):
-    from bluesky_ptychonn.simulate import simulate_scan
     from bluesky_ptychonn.config import DetectorGeometry
+    from bluesky_ptychonn.simulate import simulate_scan
 
-    scan = simulate_scan(geometry=DetectorGeometry(frame_pixels=32), scan_shape=(4, 4), probe={"kind": "gaussian", "fwhm_px": 8})
+    scan = simulate_scan(
+        geometry=DetectorGeometry(frame_pixels=32), scan_shape=(4, 4), probe={"kind": "gaussian", "fwhm_px": 8}
+    )
     step = scan.metadata["scan"]["step_m"]
-    section = {**DetectorGeometry(frame_pixels=32).model_dump(), "scan": {"shape": [4, 4], "step_m": step, "center_m": [0, 0]}}
+    section = {
+        **DetectorGeometry(frame_pixels=32).model_dump(),
+        "scan": {"shape": [4, 4], "step_m": step, "center_m": [0, 0]},
+    }
     callback = PtychoNNCallback(Predictor.from_checkpoint(checkpoint, device="cpu"), None, CallbackConfig(live=FAST))
     # Garbage and out-of-order documents first: logged, never raised.
     callback("stream_datum", {"stream_resource": "nope", "indices": {"start": 0, "stop": 1}})

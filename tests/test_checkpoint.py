@@ -92,8 +92,9 @@ def test_mismatched_configuration_or_weights(checkpoint):
     # Weights of another network, with a recomputed (consistent) hash: refused by shape.
     other = PtychoNN(NetworkConfig(input_pixels=32, base_channels=8, depth=2))
     save_checkpoint(path, other, CheckpointInfo(NetworkConfig(input_pixels=32, base_channels=8, depth=2), RECIPE))
-    from bluesky_ptychonn.checkpoint import content_hash
     from safetensors.torch import load_file
+
+    from bluesky_ptychonn.checkpoint import content_hash
 
     tensors = load_file(str(path))
     _rewrite(path, tensors, network=NET.model_dump(mode="json"), content_hash=content_hash(NET, RECIPE, tensors))

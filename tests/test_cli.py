@@ -11,17 +11,41 @@ from bluesky_ptychonn.scanfile import read_scan
 
 def test_simulate_train_reconstruct(tmp_path, capsys):
     scan = tmp_path / "scan.h5"
-    assert main(["simulate", str(scan), "--rows", "10", "--cols", "8", "--frame-pixels", "32", "--probe", "gaussian"]) == 0
+    assert (
+        main(["simulate", str(scan), "--rows", "10", "--cols", "8", "--frame-pixels", "32", "--probe", "gaussian"]) == 0
+    )
     data = read_scan(scan)
     assert data.frames.shape == (80, 32, 32) and data.truth is not None and data.probe is not None
     capsys.readouterr()
     ckpt = tmp_path / "model.safetensors"
-    assert main(["train", str(scan), "--out", str(ckpt), "--lines", "0.6", "--network", "small", "--epochs", "1",
-                 "--batch-size", "16", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(scan),
+                "--out",
+                str(ckpt),
+                "--lines",
+                "0.6",
+                "--network",
+                "small",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     trained = json.loads(capsys.readouterr().out)
     assert len(trained["content_hash"]) == 64 and trained["epochs_run"] == 1
     out = tmp_path / "recon"
-    assert main(["reconstruct", str(ckpt), str(scan), "--out-dir", str(out), "--skip-lines", "0.6", "--device", "cpu"]) == 0
+    assert (
+        main(["reconstruct", str(ckpt), str(scan), "--out-dir", str(out), "--skip-lines", "0.6", "--device", "cpu"])
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames"] == 32  # the last 4 of 10 lines
     for key in ("amplitude_ssim", "phase_ssim", "amplitude_psnr", "phase_psnr"):

@@ -44,8 +44,18 @@ def _validate(docs):
 
 def test_fly_scan_round_trip_through_tiled(tiled_server, archived, small_sample):
     run_engine, docs, stage, detector = archived
-    (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(6, 8), center_m=(1e-7, -3e-7),
-                                        exposure_s=2e-3, photons_per_frame=1e5, md={"operator": "test"}))
+    (uid,) = run_engine(
+        ptycho_fly_scan(
+            detector,
+            stage,
+            step_m=STEP_M,
+            shape=(6, 8),
+            center_m=(1e-7, -3e-7),
+            exposure_s=2e-3,
+            photons_per_frame=1e5,
+            md={"operator": "test"},
+        )
+    )
     _validate(docs)
     names = [name for name, _ in docs]
     assert names[0] == "start" and names[-1] == "stop" and "event" not in names and "event_page" not in names
@@ -84,8 +94,10 @@ def test_fly_scan_round_trip_through_tiled(tiled_server, archived, small_sample)
 
 def test_a_new_region_of_the_same_sample(tiled_server, archived, small_sample):
     run_engine, _, stage, detector = archived
-    uids = [run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(3, 3), center_m=c))[0]
-            for c in ((0.0, 0.0), (0.0, 4e-6))]
+    uids = [
+        run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(3, 3), center_m=c))[0]
+        for c in ((0.0, 0.0), (0.0, 4e-6))
+    ]
     (first, g1), (second, g2) = (read_simulation_truth(tiled_server.raw[u]) for u in uids)
     assert g2.origin_m[1] - g1.origin_m[1] == pytest.approx(4e-6, abs=small_sample.pixel_size_m)
     assert not np.allclose(first[:40, :40], second[:40, :40])
@@ -150,9 +162,28 @@ def test_example_script_archives_a_run(tiled_server, tmp_path):
     api_key = tiled_server.server.api_key
     uri = tiled_server.server.uri.split("?")[0]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "simulated_fly_scan.py"), "--uri", uri, "--api-key", api_key,
-         "--data-dir", str(data_dir), "--rows", "4", "--cols", "5", "--frame-pixels", "32", "--sample-pixels", "256"],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "simulated_fly_scan.py"),
+            "--uri",
+            uri,
+            "--api-key",
+            api_key,
+            "--data-dir",
+            str(data_dir),
+            "--rows",
+            "4",
+            "--cols",
+            "5",
+            "--frame-pixels",
+            "32",
+            "--sample-pixels",
+            "256",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)

@@ -23,7 +23,9 @@ FAST = LiveOptions(batch_size=16, max_wait_s=0.05, publish_interval_s=0.05, retr
 
 @pytest.fixture(scope="module")
 def scan():
-    return simulate_scan(geometry=DetectorGeometry(frame_pixels=32), scan_shape=(6, 6), probe={"kind": "gaussian", "fwhm_px": 8})
+    return simulate_scan(
+        geometry=DetectorGeometry(frame_pixels=32), scan_shape=(6, 6), probe={"kind": "gaussian", "fwhm_px": 8}
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from bluesky_ptychonn.config import DetectorGeometry, PreprocessRecipe
+from bluesky_ptychonn.config import DetectorGeometry, PreprocessRecipe, validated
 from bluesky_ptychonn.errors import ConfigurationError, FrameError
-from bluesky_ptychonn.config import validated
 from bluesky_ptychonn.preprocess import bad_frames, check_frames, fitted_scale, preprocess
 
 
@@ -33,8 +32,12 @@ def test_orientation_is_explicit():
 def test_recipe_pixel_size_follows_crop_and_bin():
     g = DetectorGeometry(frame_pixels=128)
     assert PreprocessRecipe(frame_shape=(128, 128), bin_factor=2).pixel_size_m(g) == pytest.approx(g.pixel_size_m())
-    assert PreprocessRecipe(frame_shape=(128, 128), crop_pixels=64).pixel_size_m(g) == pytest.approx(2 * g.pixel_size_m())
-    assert PreprocessRecipe(frame_shape=(128, 128), resize_pixels=64).pixel_size_m(g) == pytest.approx(2 * g.pixel_size_m())
+    assert PreprocessRecipe(frame_shape=(128, 128), crop_pixels=64).pixel_size_m(g) == pytest.approx(
+        2 * g.pixel_size_m()
+    )
+    assert PreprocessRecipe(frame_shape=(128, 128), resize_pixels=64).pixel_size_m(g) == pytest.approx(
+        2 * g.pixel_size_m()
+    )
 
 
 def test_bad_recipes_are_refused():

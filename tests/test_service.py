@@ -43,7 +43,9 @@ def _free_port():
 def _tiny_checkpoint(path, seed=0):
     torch.manual_seed(seed)
     net = NetworkConfig(input_pixels=32, base_channels=4, depth=2)
-    return save_checkpoint(path, PtychoNN(net).eval(), CheckpointInfo(net, PreprocessRecipe(frame_shape=(32, 32), scale=0.05)))
+    return save_checkpoint(
+        path, PtychoNN(net).eval(), CheckpointInfo(net, PreprocessRecipe(frame_shape=(32, 32), scale=0.05))
+    )
 
 
 def _config(tmp_path, checkpoint, tiled_uri, data_root, zmq_out):
@@ -78,10 +80,18 @@ def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_dev
     tiled_uri = tiled_server.server.uri.split("/api/v1")[0]
     config = _config(tmp_path, checkpoint, tiled_uri, tiled_server.data_dir, zmq_out)
     env = {**os.environ, "TILED_API_KEY": tiled_server.server.api_key}
-    proxy = subprocess.Popen([shutil.which("bluesky-0MQ-proxy") or "bluesky-0MQ-proxy", "--in-address", zmq_in,
-                              "--out-address", zmq_out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    consumer = subprocess.Popen([sys.executable, str(CALLBACKS / "launch_consumer.py"), "--config", str(config)],
-                                env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proxy = subprocess.Popen(
+        [shutil.which("bluesky-0MQ-proxy") or "bluesky-0MQ-proxy", "--in-address", zmq_in, "--out-address", zmq_out],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    consumer = subprocess.Popen(
+        [sys.executable, str(CALLBACKS / "launch_consumer.py"), "--config", str(config)],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     publisher = None
     try:
         _wait_for_line(consumer, "consuming documents")
@@ -106,8 +116,12 @@ def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_dev
         assert md["status"] == "complete" and md["frames_done"] == 30, md
         with h5py.File(detector.path, "r") as f:
             frames, positions = f["entry/data/data"][()], f["entry/data/positions_m"][()]
-        offline = reconstruct(Predictor.from_checkpoint(checkpoint, device="cpu"), frames, positions,
-                              grid=ObjectGrid.from_metadata(md["grid"]))
+        offline = reconstruct(
+            Predictor.from_checkpoint(checkpoint, device="cpu"),
+            frames,
+            positions,
+            grid=ObjectGrid.from_metadata(md["grid"]),
+        )
         np.testing.assert_allclose(node["amplitude"].read(), offline.amplitude, atol=1e-5)
         np.testing.assert_allclose(node["phase"].read(), offline.phase, atol=1e-5)
     finally:
@@ -128,7 +142,7 @@ def test_deployment_files_load(tmp_path, monkeypatch):
     _tiny_checkpoint(checkpoint)
     config = _config(tmp_path, checkpoint, "http://127.0.0.1:1", tmp_path, "tcp://127.0.0.1:5578")
     text = config.read_text()
-    config.write_text(text[: text.index("[tiled]")] + text[text.index("[zmq]"):])  # no Tiled: in memory only
+    config.write_text(text[: text.index("[tiled]")] + text[text.index("[zmq]") :])  # no Tiled: in memory only
     monkeypatch.setenv("PTYCHONN_CONFIG", str(config))
     run_engine = RunEngine({})
     namespace = runpy.run_path(str(CALLBACKS / "ipython_startup.py"), init_globals={"RE": run_engine})
@@ -139,7 +153,9 @@ def test_deployment_files_load(tmp_path, monkeypatch):
     assert callable(launcher["main"])
     with pytest.raises(ConfigurationError, match="API key"):
         monkeypatch.delenv("TILED_API_KEY", raising=False)
-        build_callback(shipped.model_copy(update={"model": shipped.model.model_copy(update={"checkpoint": checkpoint})}))
+        build_callback(
+            shipped.model_copy(update={"model": shipped.model.model_copy(update={"checkpoint": checkpoint})})
+        )
     bad = tmp_path / "bad.toml"
     bad.write_text("[model]\ncheckpoint = 'x'\nbogus = 1\n")
     with pytest.raises(ConfigurationError, match="bogus"):
@@ -151,7 +167,7 @@ def test_new_model_is_picked_up_without_a_restart(tmp_path):
     first = _tiny_checkpoint(checkpoint, seed=0)
     config = _config(tmp_path, checkpoint, "http://127.0.0.1:1", tmp_path, "tcp://127.0.0.1:5578")
     text = config.read_text()
-    config.write_text(text[: text.index("[tiled]")] + text[text.index("[zmq]"):])
+    config.write_text(text[: text.index("[tiled]")] + text[text.index("[zmq]") :])
     service = load_config(config)
     callback = build_callback(service)
     watcher = ModelWatcher(callback, service.model)

@@ -49,7 +49,7 @@ def test_fit_is_repeatable(tiny):
     config = TrainConfig(epochs=2, batch_size=8, seed=3)
     a, _ = fit(tiny, NET, RECIPE, config, device="cpu", progress=False)
     b, _ = fit(tiny, NET, RECIPE, config, device="cpu", progress=False)
-    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(ta, tb), name
 
 
@@ -60,7 +60,9 @@ def test_early_stopping(tiny):
 
 
 def test_transform_is_chosen_on_the_held_out_block(tiny):
-    best, scores = choose_transform(tiny, NET, RECIPE, TrainConfig(epochs=1, batch_size=16), ("sqrt", "log1p"), device="cpu")
+    best, scores = choose_transform(
+        tiny, NET, RECIPE, TrainConfig(epochs=1, batch_size=16), ("sqrt", "log1p"), device="cpu"
+    )
     assert best in ("sqrt", "log1p") and scores[best] == min(scores.values())
 
 
