@@ -41,7 +41,7 @@ def save_figure(
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.6), squeeze=False)
     for col, (label, amplitude, phase) in enumerate(panels):
         for row, (name, image, (lo, hi), cmap) in enumerate(
-            (("amplitude", amplitude, amp_range, "gray"), ("phase (rad)", phase, phase_range, "twilight_shifted"))
+            (("amplitude", amplitude, amp_range, "gray"), ("phase (rad)", phase, phase_range, "viridis"))
         ):
             ax = axes[row, col]
             im = ax.imshow(image[box], extent=tuple(extent), vmin=lo, vmax=hi, cmap=cmap)

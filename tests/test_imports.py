@@ -18,6 +18,11 @@ CORE = [
     "bluesky_ptychonn.reconstruct",
     "bluesky_ptychonn.scanfile",
     "bluesky_ptychonn.datasets",
+    "bluesky_ptychonn.sample",
+    "bluesky_ptychonn.iterative",
+    "bluesky_ptychonn.live",
+    "bluesky_ptychonn.assets",
+    "bluesky_ptychonn.sink",
 ]
 
 

@@ -1,0 +1,190 @@
+"""Iterative reference reconstruction with pty-chi: conventions, quality on a tiny scan, bad inputs.
+
+The scans are tiny (32-pixel frames, 8 x 8 positions) so the whole file runs in seconds on a CPU.
+"""
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+
+from bluesky_ptychonn.config import DetectorGeometry
+from bluesky_ptychonn.errors import ConfigurationError, FrameError, PositionError
+from bluesky_ptychonn.geometry import ObjectGrid
+from bluesky_ptychonn.iterative import (
+    GRID_MARGIN_PIXELS,
+    IterativeOptions,
+    epie_step_size,
+    reconstruct_iterative,
+)
+from bluesky_ptychonn.metrics import compare
+from bluesky_ptychonn.simulate import simulate_scan
+
+PHOTONS = 1e6
+GEOMETRY = DetectorGeometry(frame_pixels=32)
+PROBE = {"kind": "gaussian", "fwhm_px": 8}
+
+needs_ptychi = pytest.mark.skipif(
+    importlib.util.find_spec("ptychi") is None, reason="needs pty-chi (pip install bluesky-ptychonn[iterative])"
+)
+# pty-chi 2.2.0 keeps its (fixed) probe positions in a torch Parameter, which requires grad, and reads
+# Python scalars from it when it builds the object's bounding box; torch warns on every task build.
+ptychi_scalar_warning = pytest.mark.filterwarnings(
+    "ignore:Converting a tensor with requires_grad=True to a scalar:UserWarning"
+)
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return simulate_scan(geometry=GEOMETRY, scan_shape=(8, 8), probe=PROBE, photons_per_frame=PHOTONS)
+
+
+def _run(scan, **kwargs):
+    kwargs.setdefault("grid", scan.grid)
+    return reconstruct_iterative(
+        scan.frames,
+        scan.positions_m,
+        scan.probe,
+        pixel_size_m=scan.grid.pixel_size_m,
+        photons_per_frame=PHOTONS,
+        **kwargs,
+    )
+
+
+@needs_ptychi
+@ptychi_scalar_warning
+def test_epie_with_the_known_probe_recovers_the_object(scan):
+    result = _run(scan, options=IterativeOptions(epochs=30, batch_size=16))
+
+    assert result.grid == scan.grid
+    assert result.obj.shape == scan.grid.shape and result.obj.dtype == np.complex64
+    assert result.amplitude.dtype == np.float32 and result.phase.dtype == np.float32
+    np.testing.assert_allclose(result.probe, scan.probe, rtol=0, atol=1e-6)  # fixed probe comes back unchanged
+    assert result.engine == "epie" and result.epochs == 30 and result.device == "cpu"
+
+    errors = np.asarray(result.error_per_epoch)
+    assert errors.shape == (30,)
+    assert np.all(np.diff(errors) < 0), errors
+    assert errors[-1] < errors[0] / 50, errors
+
+    image = result.as_image()
+    assert image.grid == scan.grid and image.frames == len(scan.frames)
+    quality = compare(image.amplitude, image.phase, np.abs(scan.obj), np.angle(scan.obj), image.covered(0.5))
+    assert quality["phase_pearson"] > 0.98, quality
+    assert quality["amplitude_pearson"] > 0.98, quality
+    assert quality["phase_psnr"] > 20, quality
+
+
+@needs_ptychi
+@ptychi_scalar_warning
+def test_positions_and_flux_match_the_simulator_exactly():
+    """Started from the truth on noiseless data, the model fits the frames: positions and scale agree."""
+    pixel = GEOMETRY.pixel_size_m()
+    # An integer step in pixels and no jitter put every window on whole pixels, where the simulator's
+    # bilinear cut and pty-chi's Fourier shift agree exactly.
+    truth = simulate_scan(
+        geometry=GEOMETRY, scan_shape=(4, 4), step_m=5 * pixel, jitter_fraction=0, probe=PROBE, photons_per_frame=None
+    )
+    frames = truth.frames * PHOTONS
+    assert np.allclose(truth.grid.patch_corners(truth.positions_m, 32) % 1, 0)
+
+    def first_epoch_error(obj):
+        result = reconstruct_iterative(
+            frames,
+            truth.positions_m,
+            truth.probe,
+            pixel_size_m=pixel,
+            photons_per_frame=PHOTONS,
+            options=IterativeOptions(epochs=1),
+            grid=truth.grid,
+            initial_object=obj,
+        )
+        return result.error_per_epoch[0]
+
+    exact = first_epoch_error(truth.obj)
+    shifted = first_epoch_error(np.roll(truth.obj, 1, axis=1))  # one pixel off in x
+    # Mean squared amplitude misfit per pixel: ~1e-11 here (float32 round-off) against ~1 for a
+    # one-pixel offset, ~0.25 for a half-pixel one and ~5 for a flux 20 % off.
+    assert exact < 1e-6, exact
+    assert shifted > 0.1, shifted
+
+
+@needs_ptychi
+@ptychi_scalar_warning
+def test_global_torch_state_is_restored_and_runs_repeat(scan):
+    import torch
+
+    device, dtype = torch.get_default_device(), torch.get_default_dtype()
+    np_state, torch_state = np.random.get_state(), torch.random.get_rng_state()
+
+    first = _run(scan, options=IterativeOptions(epochs=2, batch_size=16, seed=3))
+    second = _run(scan, options=IterativeOptions(epochs=2, batch_size=16, seed=3))
+
+    assert torch.get_default_device() == device and torch.get_default_dtype() == dtype
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+    np.testing.assert_array_equal(first.obj, second.obj)
+    assert first.error_per_epoch == second.error_per_epoch
+
+
+@needs_ptychi
+@ptychi_scalar_warning
+def test_lsqml_runs_on_a_grid_sized_from_the_positions(scan, capsys):
+    result = _run(scan, grid=None, options=IterativeOptions(engine="lsqml", epochs=3), progress=True)
+
+    expected = ObjectGrid.covering(scan.positions_m, scan.grid.pixel_size_m, 32, margin_pixels=GRID_MARGIN_PIXELS)
+    assert result.grid == expected and result.obj.shape == expected.shape
+    assert result.engine == "lsqml" and len(result.error_per_epoch) == 3
+    assert np.all(np.isfinite(result.error_per_epoch)) and np.all(np.isfinite(result.obj))
+    assert result.error_per_epoch[-1] < result.error_per_epoch[0]
+    assert "iterative" in capsys.readouterr().err  # the progress bar
+
+
+def test_epie_step_size_follows_the_overlap_in_one_batch():
+    assert epie_step_size(4.0, batch_size=1, n_frames=10_000) == pytest.approx(1.0, abs=1e-3)  # sequential ePIE
+    assert epie_step_size(4.0, batch_size=100, n_frames=64) == pytest.approx(0.25)  # the whole scan in one batch
+    assert epie_step_size(0.5, batch_size=100, n_frames=64) == 1.0
+    assert epie_step_size(4.0, 10, 100) > epie_step_size(4.0, 50, 100) > epie_step_size(8.0, 50, 100)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"frames": lambda s: s.frames[:-1]}, FrameError),  # one frame short of the positions
+        ({"positions_m": lambda s: s.positions_m[:-1]}, FrameError),
+        ({"probe": lambda s: s.probe[:16, :16]}, ConfigurationError),  # probe smaller than the frames
+        ({"probe": lambda s: s.probe[:, :16]}, ConfigurationError),  # not square
+        ({"frames": lambda s: -s.frames.astype(np.float32)}, FrameError),  # negative counts
+        ({"grid": lambda s: ObjectGrid(s.grid.shape, 2 * s.grid.pixel_size_m, s.grid.origin_m)}, ConfigurationError),
+        ({"grid": lambda s: ObjectGrid((40, 40), s.grid.pixel_size_m, s.grid.origin_m)}, PositionError),  # too small
+        ({"initial_object": lambda s: np.ones((3, 3), np.complex64)}, ConfigurationError),
+        ({"photons_per_frame": lambda s: 0.0}, ConfigurationError),
+    ],
+)
+def test_bad_inputs_raise_the_package_errors_before_any_work(scan, change, error):
+    kwargs = {
+        "frames": scan.frames,
+        "positions_m": scan.positions_m,
+        "probe": scan.probe,
+        "pixel_size_m": scan.grid.pixel_size_m,
+        "photons_per_frame": PHOTONS,
+        "grid": scan.grid,
+    }
+    kwargs.update({key: make(scan) for key, make in change.items()})
+    with pytest.raises(error):
+        reconstruct_iterative(**kwargs)
+
+
+def test_bad_options_are_refused():
+    for bad in ({"epochs": 0}, {"engine": "dm"}, {"object_step_size": -1.0}, {"device": "tpu"}, {"unknown": 1}):
+        with pytest.raises(ValueError):
+            IterativeOptions(**bad)
+
+
+def test_missing_ptychi_names_the_install_command(scan, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ptychi", None)  # makes `import ptychi...` fail as if not installed
+    monkeypatch.setitem(sys.modules, "ptychi.api", None)
+    with pytest.raises(ConfigurationError, match=r"pip install bluesky-ptychonn\[iterative\]"):
+        _run(scan, options=IterativeOptions(epochs=1))
