@@ -91,6 +91,9 @@ class LiveReconstruction:
             "errors": [],
         }
         self.timings: dict[str, float] = {"inference_s": 0.0, "stitch_s": 0.0, "publish_s": 0.0}
+        # (time, frames so far) at each submit and each successful publish, for latency figures.
+        self.submit_log: list[tuple[float, int]] = []
+        self.publish_log: list[tuple[float, int]] = []
         self._seen: set[int] = set()
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # guards stitcher and metadata between worker and publisher
@@ -119,6 +122,8 @@ class LiveReconstruction:
             self._count("frames_dropped", len(np.atleast_1d(frame_ids)))
             return
         self._queue.put((np.asarray(frame_ids), frames, np.asarray(positions_m, np.float64)))
+        submitted = (self.submit_log[-1][1] if self.submit_log else 0) + len(np.atleast_1d(frame_ids))
+        self.submit_log.append((time.time(), submitted))
 
     def record_error(self, message: str) -> None:
         """Keep an error in the result's metadata (and the log)."""
@@ -275,4 +280,5 @@ class LiveReconstruction:
             logger.warning("run %s: publishing failed (%r); will retry", self.metadata.get("raw_uid"), err)
             return False
         self.timings["publish_s"] += time.perf_counter() - t0
+        self.publish_log.append((time.time(), image.frames))
         return True

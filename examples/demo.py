@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.add_argument("--rows", type=int, default=32, help="scan lines (and points per line) of each scan")
-    p.add_argument("--family-objects", type=int, default=3, help="other objects of the family to train on")
+    p.add_argument("--family-objects", type=int, default=2, help="other objects of the family to train on")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--network", choices=("paper", "small"), default="small")
     p.add_argument("--batch-size", type=int, default=16)

@@ -1,0 +1,115 @@
+"""End-to-end live throughput against model-only throughput, and frame-to-Tiled latency.
+
+A real RunEngine flies the simulated detector (64x64 frames, as fast as it can) into an
+embedded Tiled server, with TiledWriter and the PtychoNN callback subscribed. End-to-end
+throughput is frames / (first frame reaching the callback -> final image written in Tiled);
+model-only throughput is the same model on the same frames, already preprocessed and in memory,
+at the same batch size. Latency is from a frame reaching the callback (its StreamDatum, i.e. once
+the detector has flushed it) to the first snapshot in Tiled that includes it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bluesky_ptychonn.checkpoint import CheckpointInfo
+from bluesky_ptychonn.config import NetworkConfig, PreprocessRecipe
+from bluesky_ptychonn.inference import Predictor
+from bluesky_ptychonn.network import PtychoNN
+from bluesky_ptychonn.preprocess import preprocess
+
+from machine import describe, device_name
+
+
+def _latencies(live) -> np.ndarray:
+    out = []
+    for t_submit, count in live.submit_log:
+        t_pub = next((t for t, done in live.publish_log if done >= count), None)
+        if t_pub is not None:
+            out.append(t_pub - t_submit)
+    return np.asarray(out)
+
+
+def run(quick: bool = False) -> dict:
+    from bluesky import RunEngine
+
+    from bluesky_ptychonn.archive import start_embedded_server, subscribe_archive
+    from bluesky_ptychonn.callback import CallbackConfig, PtychoNNCallback
+    from bluesky_ptychonn.devices import PtychoDetector, SimStage
+    from bluesky_ptychonn.live import LiveOptions
+    from bluesky_ptychonn.plans import ptycho_fly_scan
+    from bluesky_ptychonn.sample import default_registry
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    machine = describe(device)
+    rows = 16 if quick else 40
+    batch = 64
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = start_embedded_server(Path(tmp) / "data", directory=Path(tmp) / "tiled")
+        try:
+            for preset in ("small", "paper"):
+                torch.manual_seed(0)
+                net = NetworkConfig.preset(preset)
+                info = CheckpointInfo(net, PreprocessRecipe(scale=0.01), content_hash=preset)
+                predictor = Predictor(PtychoNN(net).eval(), info, device=device, batch_size=batch)
+                run_engine = RunEngine({})
+                subscribe_archive(run_engine, archive.client)
+                options = LiveOptions(batch_size=batch, publish_interval_s=0.5)
+                callback = PtychoNNCallback(
+                    predictor, archive.client, CallbackConfig(data_roots=[archive.data_dir], live=options)
+                )
+                run_engine.subscribe(callback)
+                stage = SimStage(name="stage")
+                sample = default_registry().get("sim-features-0")
+                detector = PtychoDetector(
+                    name="ptycho", stage=stage, data_dir=archive.data_dir, sample=sample.sample_id
+                )
+                step = 6e-7
+                (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=step, shape=(rows, rows)))
+                callback.wait(uid, 1800)
+                final = time.time()
+                live = callback.runs[uid].live
+                frames = live.metadata["frames_done"]
+                e2e = frames / (final - live.metadata["first_frame"])
+
+                x = preprocess(live_frames(detector.path), predictor.info.recipe)
+                predictor.predict_preprocessed(x[:batch])  # warm-up
+                t0 = time.perf_counter()
+                predictor.predict_preprocessed(x)
+                model_only = len(x) / (time.perf_counter() - t0)
+                lat = _latencies(live)
+                row = {
+                    "device": device_name(machine),
+                    "network": preset,
+                    "frames": frames,
+                    "batch": batch,
+                    "end_to_end_frames_per_s": round(e2e, 1),
+                    "model_only_frames_per_s": round(model_only, 1),
+                    "ratio": round(e2e / model_only, 3),
+                    "latency_median_s": round(float(np.median(lat)), 3) if len(lat) else None,
+                    "latency_p95_s": round(float(np.percentile(lat, 95)), 3) if len(lat) else None,
+                    "publish_interval_s": options.publish_interval_s,
+                }
+                results.append(row)
+                print(
+                    f"   {row['device'][:40]:40s} {preset:5s} {frames} frames: live {e2e:.1f} frames/s, "
+                    f"model only {model_only:.1f} frames/s, ratio {row['ratio']:.2f} (target >= 0.9); "
+                    f"frame -> Tiled latency median {row['latency_median_s']} s, p95 {row['latency_p95_s']} s"
+                )
+        finally:
+            archive.close()
+    return {"benchmark": "live end-to-end vs model-only", "machine": machine, "results": results,
+            "note": "latency excludes the detector's flush period before its StreamDatum is emitted"}
+
+
+def live_frames(path) -> np.ndarray:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["entry/data/data"][()]
