@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 
 import torch
-from machine import describe, device_name
 
 from bluesky_ptychonn.config import NetworkConfig
 from bluesky_ptychonn.network import PtychoNN, flops_per_frame
+
+from machine import describe, device_name
 
 
 def _throughput(model: torch.nn.Module, batch: int, device: torch.device, seconds: float) -> float:

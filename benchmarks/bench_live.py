@@ -104,8 +104,12 @@ def run(quick: bool = False) -> dict:
                 )
         finally:
             archive.close()
-    return {"benchmark": "live end-to-end vs model-only", "machine": machine, "results": results,
-            "note": "latency excludes the detector's flush period before its StreamDatum is emitted"}
+    return {
+        "benchmark": "live end-to-end vs model-only",
+        "machine": machine,
+        "results": results,
+        "note": "latency excludes the detector's flush period before its StreamDatum is emitted",
+    }
 
 
 def live_frames(path) -> np.ndarray:

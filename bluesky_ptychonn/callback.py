@@ -141,7 +141,29 @@ class RunReconstructor(DocumentRouter):
             return
         self._descriptors.add(doc["uid"])
         if self.live is None:
-            self._begin()
+            try:
+                self._begin()
+            except Exception as err:
+                self.fail(f"cannot reconstruct this run: {err}")
+                self._record_failure()
+
+    def _record_failure(self) -> None:
+        """Leave a ``failed`` result in Tiled that says why, so nobody waits for an image."""
+        sink = self.owner.sink_for(self.uid)
+        if sink is None:
+            return
+        try:
+            sink.record_failure(
+                {
+                    "raw_uid": self.uid,
+                    "status": "failed",
+                    "errors": self.errors,
+                    "package_version": __version__,
+                    "source": "live",
+                }
+            )
+        except Exception as err:  # Tiled down as well: the log has it
+            logger.error("run %s: could not record the failure in Tiled: %r", self.uid, err)
 
     def _begin(self) -> None:
         predictor = self.owner.predictor

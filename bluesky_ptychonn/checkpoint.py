@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,7 +78,7 @@ def content_hash(network: NetworkConfig, recipe: PreprocessRecipe, tensors: dict
 
 
 def save_checkpoint(path: str | Path, model: PtychoNN, info: CheckpointInfo) -> CheckpointInfo:
-    """Write ``model``'s weights and ``info`` to ``path``; returns ``info`` with version and hash set."""
+    """Write ``model``'s weights and ``info`` to ``path`` atomically; returns ``info`` with version and hash set."""
     from safetensors.torch import save_file
 
     from . import __version__
@@ -87,7 +88,10 @@ def save_checkpoint(path: str | Path, model: PtychoNN, info: CheckpointInfo) -> 
     info.content_hash = content_hash(info.network, info.recipe, tensors)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={_KEY: json.dumps(info.as_metadata())})
+    # Write beside the target, then rename: a consumer watching the path never reads half a file.
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(partial), metadata={_KEY: json.dumps(info.as_metadata())})
+    os.replace(partial, path)
     return info
 
 

@@ -39,9 +39,29 @@ def training_set_from_scan(scan: ScanData, *, lines: float = 1.0, source: dict |
     )
 
 
-def training_set_from_files(paths: Sequence[Path], *, lines: float = 1.0) -> TrainingSet:
-    """Concatenate :func:`training_set_from_scan` over scan files (all of one frame shape)."""
-    parts = [training_set_from_scan(read_scan(p), lines=lines, source={"file": str(p)}) for p in paths]
+def parse_scan_argument(text: str | Path, default_lines: float = 1.0) -> tuple[Path, float]:
+    """``"scan.h5"`` or ``"scan.h5:0.6"`` (train on the first 60 % of its lines) -> (path, fraction)."""
+    name, sep, fraction = str(text).rpartition(":")
+    if sep and name and not Path(text).exists():
+        try:
+            value = float(fraction)
+        except ValueError:
+            return Path(text), default_lines
+        if not 0 < value <= 1:
+            raise ScanFileError(f"line fraction {value} of {name} is not in (0, 1]")
+        return Path(name), value
+    return Path(text), default_lines
+
+
+def training_set_from_files(paths: Sequence[str | Path], *, lines: float = 1.0) -> TrainingSet:
+    """Concatenate :func:`training_set_from_scan` over scan files (all of one frame shape).
+
+    Each entry may carry its own line fraction as ``"file.h5:0.6"``; ``lines`` is the default.
+    """
+    parts = []
+    for entry in paths:
+        path, fraction = parse_scan_argument(entry, lines)
+        parts.append(training_set_from_scan(read_scan(path), lines=fraction, source={"file": str(path)}))
     shapes = {p.frames.shape[1:] for p in parts}
     if len(shapes) > 1:
         raise ScanFileError(f"scan files have different frame shapes {sorted(shapes)}: train on one geometry at a time")

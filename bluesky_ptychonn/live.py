@@ -180,6 +180,8 @@ class LiveReconstruction:
                 _, status, extra = stop
                 with self._lock:
                     self.metadata.update(extra)
+                    # Gaps in the reconstructed frame ids: frames dropped here or never delivered.
+                    self.metadata["frames_missing"] = max(self._seen) + 1 - len(self._seen) if self._seen else 0
                     self.metadata["status"] = status
                     self.metadata["finished"] = time.time()
                     self.metadata["first_frame"] = self._first_frame

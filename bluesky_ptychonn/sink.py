@@ -102,3 +102,7 @@ class TiledSink:
         self._rows = max(self._rows, rows)
         self._sent_weight = image.weight.copy()
         node.update_metadata(metadata)
+
+    def record_failure(self, metadata: dict[str, Any]) -> None:
+        """A result that never got an image (the run and the model do not fit): metadata only."""
+        self._container(_jsonable(metadata)).update_metadata(_jsonable(metadata))

@@ -105,11 +105,13 @@ def fit(
     device: str = "auto",
     progress: bool = True,
     fit_scale: bool = True,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[PtychoNN, CheckpointInfo]:
     """Train a network; return it with the best validation weights, and its checkpoint info.
 
     ``fit_scale`` replaces ``recipe.scale`` by :func:`~bluesky_ptychonn.preprocess.fitted_scale`
     of the training frames. With ``progress`` a tqdm bar shows epochs and losses.
+    ``initial_state`` (a state dict of ``network``) starts from those weights: fine-tuning.
     """
     config = config or TrainConfig()
     if data.amplitude.shape[1:] != (network.input_pixels, network.input_pixels):
@@ -147,6 +149,8 @@ def fit(
     xt, at, pt = tensors(train_idx)
     xv, av, pv = tensors(val_idx)
     model = PtychoNN(network).to(dev)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, factor=0.5, patience=config.plateau_patience, min_lr=config.min_learning_rate

@@ -237,3 +237,18 @@ def test_inline_frames_and_malformed_documents(checkpoint):
     bad_uid = bad[0][1]["uid"]
     assert callback.wait(bad_uid, 60)
     assert callback.runs[bad_uid].live.metadata["frames_dropped"] == 4
+
+
+def test_a_model_that_does_not_fit_the_run_leaves_a_failed_result(tiled_server, make_devices, tmp_path):
+    net = NetworkConfig(input_pixels=64, base_channels=4, depth=2)
+    path = tmp_path / "model64.safetensors"
+    save_checkpoint(path, PtychoNN(net).eval(), CheckpointInfo(net, PreprocessRecipe(frame_shape=(64, 64))))
+    run_engine = RunEngine({})
+    callback = PtychoNNCallback.from_checkpoint(
+        path, tiled_server.client, device="cpu", data_roots=[tiled_server.data_dir], live=FAST
+    )
+    run_engine.subscribe(callback)
+    stage, detector = make_devices(tiled_server.data_dir / tmp_path.name)  # 32-pixel frames
+    (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(3, 4), exposure_s=2e-3))
+    md = dict(tiled_server.client["processed"][uid]["ptychonn"].metadata)
+    assert md["status"] == "failed" and any("expects (64, 64)" in e for e in md["errors"])

@@ -106,6 +106,7 @@ def test_bad_frames_are_dropped_counted_and_recorded(server, scan, predictor):
     _, md = _read(client, "run-c")
     assert md["frames_done"] == len(frames) - 3
     assert md["frames_dropped"] == 4 and md["frames_duplicate"] == 2
+    assert md["frames_missing"] == 3  # ids 3, 4 and 5 were dropped, so never reconstructed
     assert any("NaN" in e for e in md["errors"]) and any("off the grid" in e for e in md["errors"])
     assert any("shape" in e for e in md["errors"]) and md["status"] == "complete"
 
