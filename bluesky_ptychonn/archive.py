@@ -63,7 +63,9 @@ def start_embedded_server(
     directory : path, optional
         Catalog, storage and logs; a temporary folder (removed at close) when omitted.
     api_key : str, optional
-        Key of the server; a random one when omitted (the URI carries it).
+        Key of the server; a random one when omitted (the URI carries it). Tiled keeps one
+        settings object per process, so servers started in one process must share one key: the
+        last one started sets the key of all of them.
     """
     from tiled.client import from_uri
     from tiled.server import SimpleTiledServer

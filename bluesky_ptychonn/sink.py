@@ -73,7 +73,8 @@ class TiledSink:
             node = run[self.name]
             self._rows = node["amplitude"].shape[0] if "amplitude" in node else 0
         else:
-            node = run.create_container(self.name, metadata=metadata)
+            # Created as running: readers go by status, and the arrays are not there yet.
+            node = run.create_container(self.name, metadata={**metadata, "status": "running"})
             self._rows = 0
         self._node = node
         return node
@@ -105,4 +106,5 @@ class TiledSink:
 
     def record_failure(self, metadata: dict[str, Any]) -> None:
         """A result that never got an image (the run and the model do not fit): metadata only."""
-        self._container(_jsonable(metadata)).update_metadata(_jsonable(metadata))
+        metadata = _jsonable(metadata)
+        self._container(metadata).update_metadata(metadata)

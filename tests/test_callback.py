@@ -12,6 +12,7 @@ from bluesky import RunEngine
 from bluesky import plans as bp
 from bluesky.utils import RunEngineInterrupted
 from ophyd.sim import det
+from tiled_servers import free_port, start_server
 
 from bluesky_ptychonn.archive import read_simulation_truth, subscribe_archive
 from bluesky_ptychonn.callback import CallbackConfig, PtychoNNCallback
@@ -131,28 +132,24 @@ def test_reader_sees_partial_coverage_grow_during_the_scan(tiled_server, live_se
 
 def test_aborted_run_keeps_the_partial_image(tiled_server, live_setup):
     run_engine, callback, stage, detector = live_setup
-    uid_box = []
-    run_engine.subscribe(lambda name, doc: uid_box.append(doc["uid"]), "start")
+    detector.settings = detector.settings.updated(chunk_frames=4)
+    frames_seen = threading.Event()
+    run_engine.subscribe(lambda name, doc: frames_seen.set(), "stream_datum")
 
-    def pause_once_frames_are_in():
-        while not (
-            uid_box
-            and callback.runs.get(uid_box[0])
-            and callback.runs[uid_box[0]].live
-            and callback.runs[uid_box[0]].live.metadata["frames_done"] > 0
-        ):
-            time.sleep(0.02)
-        run_engine.request_pause()
+    def abort_when_frames_arrive():
+        if frames_seen.wait(30):
+            run_engine.abort("operator abort")
 
-    threading.Thread(target=pause_once_frames_are_in, daemon=True).start()
-    with pytest.raises(RunEngineInterrupted):
-        run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(10, 8), exposure_s=0.03, flush_period_s=0.1))
-    run_engine.abort("operator abort")
-    uid = uid_box[0]
+    aborter = threading.Thread(target=abort_when_frames_arrive)
+    aborter.start()
+    with pytest.raises(RunEngineInterrupted):  # 400 frames at 10 ms: four seconds if nothing stops it
+        run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(20, 20), exposure_s=0.01))
+    aborter.join()
+    uid = next(iter(callback.runs))
     assert callback.wait(uid, 60)
     arrays, md = _result(tiled_server.client, uid)
     assert md["status"] == "aborted" and md["exit_status"] == "abort"
-    assert 0 < md["frames_done"] < 80 and arrays["weight"].any()
+    assert 0 < md["frames_done"] < 400 and arrays["weight"].any()
 
 
 def test_other_runs_are_ignored(tiled_server, live_setup):
@@ -252,3 +249,51 @@ def test_a_model_that_does_not_fit_the_run_leaves_a_failed_result(tiled_server, 
     (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(3, 4), exposure_s=2e-3))
     md = dict(tiled_server.client["processed"][uid]["ptychonn"].metadata)
     assert md["status"] == "failed" and any("expects (64, 64)" in e for e in md["errors"])
+
+
+def test_tiled_goes_away_mid_scan_the_scan_succeeds_and_the_final_image_is_complete(
+    tiled_server, make_devices, tmp_path, checkpoint
+):
+    """The results server stops while the stage moves and comes back after the scan."""
+    from tiled.client import from_uri
+    from tiled.server import SimpleTiledServer
+
+    port = free_port()
+    results = SimpleTiledServer(directory=tmp_path / "results", port=port, api_key=tiled_server.server.api_key)
+    callback = PtychoNNCallback.from_checkpoint(
+        checkpoint, from_uri(results.uri), device="cpu", data_roots=[tmp_path], live=FAST
+    )
+    run_engine = RunEngine({})
+    run_engine.subscribe(callback)
+    stage, detector = make_devices(tmp_path / "data", paced=True)
+    uid_box = []
+    run_engine.subscribe(lambda name, doc: uid_box.append(doc["uid"]), "start")
+
+    def stop_server_once_frames_are_in():
+        while not (
+            uid_box
+            and callback.runs.get(uid_box[0])
+            and callback.runs[uid_box[0]].live
+            and callback.runs[uid_box[0]].live.publish_log
+        ):
+            time.sleep(0.02)
+        results.close()
+
+    stopper = threading.Thread(target=stop_server_once_frames_are_in)
+    stopper.start()
+    (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(8, 8), exposure_s=0.03))
+    stopper.join()
+    assert run_engine.state == "idle"  # the scan itself succeeded
+    live = callback.runs[uid].live
+    assert not live.wait(0.2)  # final image still pending: the server is down
+    results = start_server(
+        SimpleTiledServer, directory=tmp_path / "results", port=port, api_key=tiled_server.server.api_key
+    )
+    try:
+        assert callback.wait(uid, 120)
+        arrays, md = _result(from_uri(results.uri), uid)
+        assert md["status"] == "complete" and md["frames_done"] == 64
+        np.testing.assert_allclose(arrays["amplitude"], live.snapshot().amplitude)
+        assert arrays["weight"].shape == tuple(md["grid"]["shape"])
+    finally:
+        results.close()

@@ -1,6 +1,5 @@
 """LiveReconstruction and the Tiled sink against a real in-process Tiled server."""
 
-import socket
 import time
 
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 import torch
 from tiled.client import from_uri
 from tiled.server import SimpleTiledServer
+from tiled_servers import free_port, start_server
 
 from bluesky_ptychonn.checkpoint import CheckpointInfo
 from bluesky_ptychonn.config import DetectorGeometry, NetworkConfig, PreprocessRecipe
@@ -37,10 +37,8 @@ def predictor():
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = SimpleTiledServer()
-    yield srv
-    srv.close()
+def server(tiled_server):
+    return tiled_server.server
 
 
 def _read(client, uid):
@@ -76,8 +74,7 @@ def test_partial_coverage_grows_in_tiled(server, scan, predictor):
     live._dirty.set()
     live._finished.set()  # wake the publisher once without finishing the run
     live._finished.clear()
-    _wait_until(lambda: "processed" in client and "run-b" in client["processed"])
-    _wait_until(lambda: "weight" in client["processed"]["run-b"]["ptychonn"])
+    _wait_until(lambda: live.publish_log)
     first, md = _read(client, "run-b")
     assert md["status"] == "running" and md["frames_done"] == 12
     live.submit(scan.frame_ids[rows[12:]], scan.frames[rows[12:]], scan.positions_m[rows[12:]])
@@ -147,15 +144,9 @@ def test_a_run_with_zero_frames(server, scan, predictor):
     assert md["frames_done"] == 0 and not arrays["weight"].any() and arrays["weight"].shape == scan.grid.shape
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_tiled_outage_mid_run_then_final_image_written(tmp_path, scan, predictor):
-    port = _free_port()
-    srv = SimpleTiledServer(directory=tmp_path / "tiled", port=port, api_key="secret")
+def test_tiled_outage_mid_run_then_final_image_written(tiled_server, tmp_path, scan, predictor):
+    port = free_port()
+    srv = SimpleTiledServer(directory=tmp_path / "tiled", port=port, api_key=tiled_server.server.api_key)
     client = from_uri(srv.uri)
     live = LiveReconstruction(predictor, scan.grid, TiledSink(client, "run-f"), {"raw_uid": "run-f"}, FAST)
     half = len(scan.frames) // 2
@@ -166,7 +157,7 @@ def test_tiled_outage_mid_run_then_final_image_written(tmp_path, scan, predictor
     live.finish("complete")
     _wait_until(lambda: live.metadata["frames_done"] == len(scan.frames))
     assert not live.wait(0.5)  # nothing written while the server is down, nothing lost either
-    srv = SimpleTiledServer(directory=tmp_path / "tiled", port=port, api_key="secret")
+    srv = start_server(SimpleTiledServer, directory=tmp_path / "tiled", port=port, api_key=tiled_server.server.api_key)
     try:
         assert live.wait(60)
         arrays, md = _read(from_uri(srv.uri), "run-f")

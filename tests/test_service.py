@@ -6,7 +6,6 @@ Also loads every file of ``callbacks/`` (the deployment surface).
 import os
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import torch
 from bluesky import RunEngine
 from bluesky.callbacks.zmq import Publisher
+from tiled_servers import free_port
 
 from bluesky_ptychonn.archive import subscribe_archive
 from bluesky_ptychonn.checkpoint import CheckpointInfo, save_checkpoint
@@ -32,12 +32,6 @@ from bluesky_ptychonn.service import ModelWatcher, build_callback, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLBACKS = ROOT / "callbacks"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_checkpoint(path, seed=0):
@@ -76,7 +70,7 @@ def _wait_for_line(process, needle, timeout=120):
 def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_devices, tmp_path):
     checkpoint = tmp_path / "model.safetensors"
     _tiny_checkpoint(checkpoint)
-    zmq_in, zmq_out = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+    zmq_in, zmq_out = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     tiled_uri = tiled_server.server.uri.split("/api/v1")[0]
     config = _config(tmp_path, checkpoint, tiled_uri, tiled_server.data_dir, zmq_out)
     env = {**os.environ, "TILED_API_KEY": tiled_server.server.api_key}
