@@ -204,12 +204,40 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_serve_command(sub)
 
 
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    from .replay import add_replay_command
+
+    add_replay_command(sub)
+
+
+def _add_iterative(sub: argparse._SubParsersAction) -> None:
+    from .run_labels import add_iterative_command
+
+    add_iterative_command(sub)
+
+
+def _add_train_runs(sub: argparse._SubParsersAction) -> None:
+    from .run_training import add_train_runs_command
+
+    add_train_runs_command(sub)
+
+
+def _add_fine_tune(sub: argparse._SubParsersAction) -> None:
+    from .run_training import add_fine_tune_command
+
+    add_fine_tune_command(sub)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_simulate,
     _add_train,
     _add_reconstruct,
     _add_serve,
     _add_consume,
+    _add_replay,
+    _add_iterative,
+    _add_train_runs,
+    _add_fine_tune,
 ]
 
 

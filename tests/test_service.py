@@ -74,8 +74,16 @@ def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_dev
     tiled_uri = tiled_server.server.uri.split("/api/v1")[0]
     config = _config(tmp_path, checkpoint, tiled_uri, tiled_server.data_dir, zmq_out)
     env = {**os.environ, "TILED_API_KEY": tiled_server.server.api_key}
+    # The proxy's script sits beside this Python (the venv need not be on PATH, as under `make test`).
+    script = Path(sys.executable).with_name("bluesky-0MQ-proxy")
     proxy = subprocess.Popen(
-        [shutil.which("bluesky-0MQ-proxy") or "bluesky-0MQ-proxy", "--in-address", zmq_in, "--out-address", zmq_out],
+        [
+            str(script) if script.exists() else shutil.which("bluesky-0MQ-proxy"),
+            "--in-address",
+            zmq_in,
+            "--out-address",
+            zmq_out,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
