@@ -123,6 +123,12 @@ def run(quick: bool = False, frames: int = 10_000, frame_pixels: int = 64) -> di
         finally:
             archive.close()
     result["machine"] = _machine()
+    print(
+        f"   {result['machine']['cpu']} ({result['machine']['cpu_count']} cores): {frames} frames of "
+        f"{frame_pixels}x{frame_pixels}: detector alone {result['detector_only_fps']:.0f} frames/s, "
+        f"fly scan without TiledWriter {result['without_tiledwriter_fps']:.0f} frames/s, "
+        f"with TiledWriter {result['with_tiledwriter_fps']:.0f} frames/s"
+    )
     return result
 
 

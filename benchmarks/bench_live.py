@@ -4,8 +4,11 @@ A real RunEngine flies the simulated detector (64x64 frames, as fast as it can) 
 embedded Tiled server, with TiledWriter and the PtychoNN callback subscribed. End-to-end
 throughput is frames / (first frame reaching the callback -> final image written in Tiled);
 model-only throughput is the same model on the same frames, already preprocessed and in memory,
-at the same batch size. Latency is from a frame reaching the callback (its StreamDatum, i.e. once
-the detector has flushed it) to the first snapshot in Tiled that includes it.
+at the same batch size. Latency is measured in a second scan whose detector is paced at half the
+model-only rate (a detector faster than the analysis only measures the backlog): from a frame
+reaching the callback (its StreamDatum, once the detector has flushed it) to the first snapshot
+in Tiled that includes it. On a CPU machine the simulated detector, TiledWriter and the Tiled
+server share the cores with inference, which caps the end-to-end ratio.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def run(quick: bool = False) -> dict:
                 torch.manual_seed(0)
                 net = NetworkConfig.preset(preset)
                 info = CheckpointInfo(net, PreprocessRecipe(scale=0.01), content_hash=preset)
-                predictor = Predictor(PtychoNN(net).eval(), info, device=device, batch_size=batch)
+                predictor = Predictor(PtychoNN(net).eval(), info, device=device)
                 run_engine = RunEngine({})
                 subscribe_archive(run_engine, archive.client)
                 options = LiveOptions(batch_size=batch, publish_interval_s=0.5)
@@ -84,11 +87,21 @@ def run(quick: bool = False) -> dict:
                 predictor.predict_preprocessed(x)
                 model_only = len(x) / (time.perf_counter() - t0)
                 lat = _latencies(live)
+                # Latency: a paced scan at half the model-only rate.
+                detector.settings = detector.settings.updated(paced=True, chunk_frames=8)
+                period = 2.0 / model_only
+                (uid,) = run_engine(
+                    ptycho_fly_scan(detector, stage, step_m=step, shape=(20, 20), exposure_s=period, flush_period_s=0.1)
+                )
+                callback.wait(uid, 1800)
+                lat = _latencies(callback.runs[uid].live)
                 row = {
                     "device": device_name(machine),
                     "network": preset,
                     "frames": frames,
-                    "batch": batch,
+                    "batch": predictor.batch_size,
+                    "micro_batch": batch,
+                    "paced_frame_period_s": round(period, 4),
                     "end_to_end_frames_per_s": round(e2e, 1),
                     "model_only_frames_per_s": round(model_only, 1),
                     "ratio": round(e2e / model_only, 3),
@@ -100,7 +113,8 @@ def run(quick: bool = False) -> dict:
                 print(
                     f"   {row['device'][:40]:40s} {preset:5s} {frames} frames: live {e2e:.1f} frames/s, "
                     f"model only {model_only:.1f} frames/s, ratio {row['ratio']:.2f} (target >= 0.9); "
-                    f"frame -> Tiled latency median {row['latency_median_s']} s, p95 {row['latency_p95_s']} s"
+                    f"paced at {1 / period:.0f} frames/s: frame -> Tiled latency median {row['latency_median_s']} s, "
+                    f"p95 {row['latency_p95_s']} s"
                 )
         finally:
             archive.close()
