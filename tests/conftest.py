@@ -75,3 +75,13 @@ def make_devices(small_sample) -> Callable:
     yield make
     for detector in made:  # never leave a writer thread or an open file behind
         detector.stop()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny untrained checkpoint for 32-pixel frames (see ``tiny_models``)."""
+    from tiny_models import write_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    write_tiny_checkpoint(path)
+    return path

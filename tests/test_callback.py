@@ -7,7 +7,6 @@ import event_model
 import h5py
 import numpy as np
 import pytest
-import torch
 from bluesky import RunEngine
 from bluesky import plans as bp
 from bluesky.utils import RunEngineInterrupted
@@ -28,15 +27,6 @@ from bluesky_ptychonn.reconstruct import reconstruct
 
 STEP_M = 2e-7
 FAST = LiveOptions(batch_size=16, max_wait_s=0.05, publish_interval_s=0.1, retry_s=0.1)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    net = NetworkConfig(input_pixels=32, base_channels=4, depth=2)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_checkpoint(path, PtychoNN(net).eval(), CheckpointInfo(net, PreprocessRecipe(frame_shape=(32, 32), scale=0.05)))
-    return path
 
 
 @pytest.fixture

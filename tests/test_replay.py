@@ -9,7 +9,6 @@ import uuid
 
 import numpy as np
 import pytest
-import torch
 from bluesky import RunEngine
 from bluesky import plans as bp
 from databroker.queries import TimeRange
@@ -18,27 +17,15 @@ from tiled.queries import Key
 
 from bluesky_ptychonn.archive import subscribe_archive
 from bluesky_ptychonn.callback import PtychoNNCallback
-from bluesky_ptychonn.checkpoint import CheckpointInfo, save_checkpoint
 from bluesky_ptychonn.cli import main
-from bluesky_ptychonn.config import NetworkConfig, PreprocessRecipe
 from bluesky_ptychonn.errors import ConfigurationError, RunError
 from bluesky_ptychonn.inference import Predictor
 from bluesky_ptychonn.live import LiveOptions
-from bluesky_ptychonn.network import PtychoNN
 from bluesky_ptychonn.plans import ptycho_fly_scan
 from bluesky_ptychonn.replay import replay_run, replay_runs, select, selection, where
 
 STEP_M = 2e-7
 FAST = LiveOptions(batch_size=16, max_wait_s=0.05, publish_interval_s=0.1, retry_s=0.1)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    net = NetworkConfig(input_pixels=32, base_channels=4, depth=2)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_checkpoint(path, PtychoNN(net).eval(), CheckpointInfo(net, PreprocessRecipe(frame_shape=(32, 32), scale=0.05)))
-    return path
 
 
 @pytest.fixture

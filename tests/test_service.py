@@ -14,32 +14,21 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from bluesky import RunEngine
 from bluesky.callbacks.zmq import Publisher
 from tiled_servers import free_port
+from tiny_models import write_tiny_checkpoint
 
 from bluesky_ptychonn.archive import subscribe_archive
-from bluesky_ptychonn.checkpoint import CheckpointInfo, save_checkpoint
-from bluesky_ptychonn.config import NetworkConfig, PreprocessRecipe
 from bluesky_ptychonn.errors import ConfigurationError
 from bluesky_ptychonn.geometry import ObjectGrid
 from bluesky_ptychonn.inference import Predictor
-from bluesky_ptychonn.network import PtychoNN
 from bluesky_ptychonn.plans import ptycho_fly_scan
 from bluesky_ptychonn.reconstruct import reconstruct
 from bluesky_ptychonn.service import ModelWatcher, build_callback, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLBACKS = ROOT / "callbacks"
-
-
-def _tiny_checkpoint(path, seed=0):
-    torch.manual_seed(seed)
-    net = NetworkConfig(input_pixels=32, base_channels=4, depth=2)
-    return save_checkpoint(
-        path, PtychoNN(net).eval(), CheckpointInfo(net, PreprocessRecipe(frame_shape=(32, 32), scale=0.05))
-    )
 
 
 def _config(tmp_path, checkpoint, tiled_uri, data_root, zmq_out):
@@ -69,7 +58,7 @@ def _wait_for_line(process, needle, timeout=120):
 
 def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_devices, tmp_path):
     checkpoint = tmp_path / "model.safetensors"
-    _tiny_checkpoint(checkpoint)
+    write_tiny_checkpoint(checkpoint)
     zmq_in, zmq_out = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     tiled_uri = tiled_server.server.uri.split("/api/v1")[0]
     config = _config(tmp_path, checkpoint, tiled_uri, tiled_server.data_dir, zmq_out)
@@ -141,7 +130,7 @@ def test_deployment_files_load(tmp_path, monkeypatch):
     assert shipped.model.checkpoint.name == "ptychonn.safetensors" and shipped.zmq.address.startswith("tcp://127.0.0.1")
     assert shipped.callback_config().frames_key == "diffraction"
     checkpoint = tmp_path / "model.safetensors"
-    _tiny_checkpoint(checkpoint)
+    write_tiny_checkpoint(checkpoint)
     config = _config(tmp_path, checkpoint, "http://127.0.0.1:1", tmp_path, "tcp://127.0.0.1:5578")
     text = config.read_text()
     config.write_text(text[: text.index("[tiled]")] + text[text.index("[zmq]") :])  # no Tiled: in memory only
@@ -166,7 +155,7 @@ def test_deployment_files_load(tmp_path, monkeypatch):
 
 def test_new_model_is_picked_up_without_a_restart(tmp_path):
     checkpoint = tmp_path / "model.safetensors"
-    first = _tiny_checkpoint(checkpoint, seed=0)
+    first = write_tiny_checkpoint(checkpoint, seed=0)
     config = _config(tmp_path, checkpoint, "http://127.0.0.1:1", tmp_path, "tcp://127.0.0.1:5578")
     text = config.read_text()
     config.write_text(text[: text.index("[tiled]")] + text[text.index("[zmq]") :])
@@ -177,7 +166,7 @@ def test_new_model_is_picked_up_without_a_restart(tmp_path):
     checkpoint.write_bytes(b"half-written garbage")
     os.utime(checkpoint, (time.time() + 5, time.time() + 5))
     assert not watcher.check() and callback.predictor.info.content_hash == first.content_hash
-    second = _tiny_checkpoint(tmp_path / "next.safetensors", seed=1)
+    second = write_tiny_checkpoint(tmp_path / "next.safetensors", seed=1)
     os.replace(tmp_path / "next.safetensors", checkpoint)  # how `train` should publish: atomically
     os.utime(checkpoint, (time.time() + 10, time.time() + 10))
     assert watcher.check()
