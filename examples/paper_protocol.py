@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ptychonn_seconds": round(md["timings"]["inference_s"] + md["timings"]["stitch_s"], 2),
                 "ptychonn_live_seconds": round(md["finished"] - md["first_frame"], 2),
                 "ptychi": _quality(result.amplitude, result.phase, truth, mask),
-                "ptychi_seconds": round(result.seconds, 1),
+                "ptychi_seconds": round(result.seconds, 2),
                 "run_uid": uid,
             }
             rows_md.append(row)

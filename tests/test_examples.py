@@ -68,7 +68,7 @@ def test_paper_protocol_runs_and_writes_its_table(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert [s["scan"] for s in results["scans"]] == ["dense", "5x sparse"]
     for row in results["scans"]:
-        assert set(row["ptychonn"]) >= {"phase_ssim", "amplitude_psnr"} and row["ptychi_seconds"] > 0
+        assert set(row["ptychonn"]) >= {"phase_ssim", "amplitude_psnr"} and row["ptychi_seconds"] >= 0
     assert [s["lines_fraction"] for s in results["size_study"]] == [0.5, 1.0]
     assert "| dense |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "paper_dense.png").exists() and (tmp_path / "paper_5x_sparse.png").exists()
