@@ -88,36 +88,42 @@ def test_reader_sees_partial_coverage_grow_during_the_scan(tiled_server, live_se
     run_engine, callback, stage, detector = live_setup
     seen = []
     done = threading.Event()
-
-    def poll():
-        client = tiled_server.client
-        while not done.is_set():
-            try:
-                node = client["processed"][uid_box[0]]["ptychonn"]
-                seen.append((node.metadata["status"], int((node["weight"].read() > 0).sum())))
-            except Exception:  # not there yet, or read while the array grows: poll again
-                pass
-            time.sleep(0.1)
-
     uid_box = []
     run_engine.subscribe(lambda name, doc: uid_box.append(doc["uid"]), "start")
-    reader = threading.Thread(target=poll)
+
+    def read_after_each_partial_publish():
+        # Read Tiled whenever the callback has published more frames, as a user watching would.
+        while not (uid_box and uid_box[0] in callback.runs and callback.runs[uid_box[0]].live) and not done.is_set():
+            time.sleep(0.02)
+        last = 0
+        while not done.is_set():
+            live = callback.runs[uid_box[0]].live
+            published = live.publish_log[-1][1] if live.publish_log else 0
+            if published > last:
+                try:
+                    node = tiled_server.client["processed"][uid_box[0]]["ptychonn"]
+                    seen.append((node.metadata["status"], int((node["weight"].read() > 0).sum())))
+                    last = published
+                except Exception:  # caught between two requests of a publish: read again
+                    pass
+            time.sleep(0.05)
+
+    reader = threading.Thread(target=read_after_each_partial_publish)
     reader.start()
     try:
-        # 12 lines of 8 at 50 ms a frame: about 5 s of scanning with a snapshot every 0.1 s,
-        # while one poll of Tiled (several requests) takes a few tenths of a second.
+        # 16 lines of 8 at 60 ms a frame: about 8 s of scanning, several snapshots on the way.
         (uid,) = run_engine(
-            ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(12, 8), exposure_s=0.05, flush_period_s=0.1)
+            ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(16, 8), exposure_s=0.06, flush_period_s=0.1)
         )
         assert callback.wait(uid, 60)
     finally:
-        time.sleep(0.3)
         done.set()
         reader.join()
     arrays, md = _result(tiled_server.client, uid)
     running = [covered for status, covered in seen if status == "running"]
-    assert len(set(running)) >= 2, seen  # at least two different partial coverages while running
-    assert running[0] < (arrays["weight"] > 0).sum() and md["status"] == "complete"
+    assert len(set(running)) >= 2, seen  # two different partial coverages read while the scan ran
+    assert running == sorted(running) and running[-1] <= (arrays["weight"] > 0).sum()
+    assert md["status"] == "complete"
 
 
 def test_aborted_run_keeps_the_partial_image(tiled_server, live_setup):
