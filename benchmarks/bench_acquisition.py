@@ -41,11 +41,11 @@ def run(quick: bool = False, frames: int = 10_000, frame_pixels: int = 64) -> di
     from bluesky import RunEngine
     from bluesky_tiled_plugins import TiledWriter
 
-    from bluesky_ptychonn.archive import start_embedded_server, store_simulation_truth
-    from bluesky_ptychonn.config import DetectorGeometry
-    from bluesky_ptychonn.devices import PtychoDetector, SimStage
-    from bluesky_ptychonn.plans import ptycho_fly_scan
-    from bluesky_ptychonn.sample import DetectorSettings, FlyScan, FlyTrajectory, SimulatedSample, default_registry
+    from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
+    from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+    from bluesky_ptychonn.archive.truth import start_embedded_server, store_simulation_truth
+    from bluesky_ptychonn.core.config import DetectorGeometry
+    from bluesky_ptychonn.sim.sample import DetectorSettings, FlyScan, FlyTrajectory, SimulatedSample, default_registry
 
     frames = 2_000 if quick else frames
     cols = int(math.sqrt(frames))

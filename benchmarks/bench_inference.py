@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from bluesky_ptychonn.config import NetworkConfig
-from bluesky_ptychonn.network import PtychoNN, flops_per_frame
+from bluesky_ptychonn.core.config import NetworkConfig
+from bluesky_ptychonn.core.network import PtychoNN, flops_per_frame
 
 from machine import describe, device_name
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bluesky_ptychonn.checkpoint import CheckpointInfo
-from bluesky_ptychonn.config import NetworkConfig, PreprocessRecipe
-from bluesky_ptychonn.inference import Predictor
-from bluesky_ptychonn.network import PtychoNN
-from bluesky_ptychonn.preprocess import preprocess
+from bluesky_ptychonn.core.checkpoint import CheckpointInfo
+from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe
+from bluesky_ptychonn.core.inference import Predictor
+from bluesky_ptychonn.core.network import PtychoNN
+from bluesky_ptychonn.core.preprocess import preprocess
 
 from machine import describe, device_name
 
@@ -41,12 +41,12 @@ def _latencies(live) -> np.ndarray:
 def run(quick: bool = False) -> dict:
     from bluesky import RunEngine
 
-    from bluesky_ptychonn.archive import start_embedded_server, subscribe_archive
-    from bluesky_ptychonn.callback import CallbackConfig, PtychoNNCallback
-    from bluesky_ptychonn.devices import PtychoDetector, SimStage
-    from bluesky_ptychonn.live import LiveOptions
-    from bluesky_ptychonn.plans import ptycho_fly_scan
-    from bluesky_ptychonn.sample import default_registry
+    from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
+    from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+    from bluesky_ptychonn.archive.truth import start_embedded_server, subscribe_archive
+    from bluesky_ptychonn.core.engine import LiveOptions
+    from bluesky_ptychonn.live.callback import CallbackConfig, PtychoNNCallback
+    from bluesky_ptychonn.sim.sample import default_registry
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     machine = describe(device)

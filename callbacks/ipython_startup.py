@@ -9,7 +9,7 @@ thread and a failure is recorded, never raised into the scan.
 import os
 from pathlib import Path
 
-from bluesky_ptychonn.service import build_callback, load_config
+from bluesky_ptychonn.live.service import build_callback, load_config
 
 _config = load_config(os.environ.get("PTYCHONN_CONFIG", Path(__file__).with_name("ptychonn.toml")))
 ptychonn_callback = build_callback(_config)

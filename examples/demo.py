@@ -41,14 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_model(args: argparse.Namespace, prior_run, models: Path):
     """Train on the prior run (through Tiled) and the family objects, or load the cached model."""
-    from bluesky_ptychonn.checkpoint import save_checkpoint
-    from bluesky_ptychonn.config import NetworkConfig, PreprocessRecipe, TrainConfig
-    from bluesky_ptychonn.datasets import training_set_from_scan
-    from bluesky_ptychonn.inference import Predictor
-    from bluesky_ptychonn.runs import scan_from_run
-    from bluesky_ptychonn.scanfile import ScanData
-    from bluesky_ptychonn.simulate import simulate_scan
-    from bluesky_ptychonn.training import TrainingSet, fit
+    from bluesky_ptychonn.archive.runs import scan_from_run
+    from bluesky_ptychonn.core.checkpoint import save_checkpoint
+    from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe, TrainConfig
+    from bluesky_ptychonn.core.inference import Predictor
+    from bluesky_ptychonn.core.training import TrainingSet, fit
+    from bluesky_ptychonn.files.datasets import training_set_from_scan
+    from bluesky_ptychonn.files.scanfile import ScanData
+    from bluesky_ptychonn.sim.physics import simulate_scan
 
     network = NetworkConfig.preset(args.network).model_copy(update={"batch_norm": True})
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=0)
@@ -89,15 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bluesky import RunEngine
 
-    from bluesky_ptychonn.archive import read_simulation_truth, start_embedded_server, subscribe_archive
-    from bluesky_ptychonn.callback import CallbackConfig, PtychoNNCallback
-    from bluesky_ptychonn.devices import PtychoDetector, SimStage
-    from bluesky_ptychonn.figures import save_figure
-    from bluesky_ptychonn.geometry import ObjectGrid
-    from bluesky_ptychonn.metrics import compare
-    from bluesky_ptychonn.plans import ptycho_fly_scan
-    from bluesky_ptychonn.sample import default_registry
-    from bluesky_ptychonn.simulate import probe_diameter_px
+    from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
+    from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+    from bluesky_ptychonn.archive.truth import read_simulation_truth, start_embedded_server, subscribe_archive
+    from bluesky_ptychonn.core.geometry import ObjectGrid
+    from bluesky_ptychonn.core.metrics import compare
+    from bluesky_ptychonn.files.figures import save_figure
+    from bluesky_ptychonn.live.callback import CallbackConfig, PtychoNNCallback
+    from bluesky_ptychonn.sim.physics import probe_diameter_px
+    from bluesky_ptychonn.sim.sample import default_registry
 
     started = time.perf_counter()
     out = args.out.resolve()

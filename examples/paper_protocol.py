@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _quality(amplitude, phase, truth, mask):
-    from bluesky_ptychonn.metrics import compare
+    from bluesky_ptychonn.core.metrics import compare
 
     return {k: round(v, 4) for k, v in compare(amplitude, phase, np.abs(truth), np.angle(truth), mask).items()}
 
@@ -53,21 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bluesky import RunEngine
 
-    from bluesky_ptychonn.archive import read_simulation_truth, start_embedded_server, subscribe_archive
-    from bluesky_ptychonn.callback import CallbackConfig, PtychoNNCallback
-    from bluesky_ptychonn.config import NetworkConfig, TrainConfig
-    from bluesky_ptychonn.devices import PtychoDetector, SimStage
-    from bluesky_ptychonn.figures import save_figure
-    from bluesky_ptychonn.geometry import ObjectGrid
-    from bluesky_ptychonn.inference import Predictor
-    from bluesky_ptychonn.iterative import IterativeOptions
-    from bluesky_ptychonn.plans import ptycho_fly_scan
-    from bluesky_ptychonn.reconstruct import reconstruct
-    from bluesky_ptychonn.run_labels import iterative_run
-    from bluesky_ptychonn.run_training import train_from_runs
-    from bluesky_ptychonn.runs import scan_from_run
-    from bluesky_ptychonn.sample import default_registry
-    from bluesky_ptychonn.simulate import probe_diameter_px
+    from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
+    from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+    from bluesky_ptychonn.archive.labels import iterative_run
+    from bluesky_ptychonn.archive.runs import scan_from_run
+    from bluesky_ptychonn.archive.training import train_from_runs
+    from bluesky_ptychonn.archive.truth import read_simulation_truth, start_embedded_server, subscribe_archive
+    from bluesky_ptychonn.core.config import NetworkConfig, TrainConfig
+    from bluesky_ptychonn.core.geometry import ObjectGrid
+    from bluesky_ptychonn.core.inference import Predictor
+    from bluesky_ptychonn.core.iterative import IterativeOptions
+    from bluesky_ptychonn.core.reconstruct import reconstruct
+    from bluesky_ptychonn.files.figures import save_figure
+    from bluesky_ptychonn.live.callback import CallbackConfig, PtychoNNCallback
+    from bluesky_ptychonn.sim.physics import probe_diameter_px
+    from bluesky_ptychonn.sim.sample import default_registry
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

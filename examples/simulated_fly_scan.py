@@ -18,11 +18,11 @@ from pathlib import Path
 
 from bluesky import RunEngine
 
-from bluesky_ptychonn.archive import connect, start_embedded_server, subscribe_archive, tiled_run_uri
-from bluesky_ptychonn.config import DetectorGeometry
-from bluesky_ptychonn.devices import PtychoDetector, SimStage
-from bluesky_ptychonn.plans import ptycho_fly_scan
-from bluesky_ptychonn.sample import DetectorSettings, SimulatedSample, default_registry
+from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
+from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+from bluesky_ptychonn.archive.truth import connect, start_embedded_server, subscribe_archive, tiled_run_uri
+from bluesky_ptychonn.core.config import DetectorGeometry
+from bluesky_ptychonn.sim.sample import DetectorSettings, SimulatedSample, default_registry
 
 
 def main(argv: list[str] | None = None) -> int:

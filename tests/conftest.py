@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import pytest
 
-from bluesky_ptychonn.config import DetectorGeometry
+from bluesky_ptychonn.core.config import DetectorGeometry
 
 
 class TiledServer(NamedTuple):
@@ -31,7 +31,7 @@ def tiled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServ
 
     ``data_dir`` is its readable storage: detectors must write their files below it.
     """
-    from bluesky_ptychonn.archive import start_embedded_server
+    from bluesky_ptychonn.archive.truth import start_embedded_server
 
     root = tmp_path_factory.mktemp("tiled")
     archive = start_embedded_server(root / "detector", directory=root / "server")
@@ -46,7 +46,7 @@ SMALL_GEOMETRY = DetectorGeometry(frame_pixels=32)
 @pytest.fixture(scope="session")
 def small_sample():
     """A 256 x 256 sample for 32-pixel frames, registered in the default registry as ``test-small``."""
-    from bluesky_ptychonn.sample import SimulatedSample, default_registry
+    from bluesky_ptychonn.sim.sample import SimulatedSample, default_registry
 
     sample = SimulatedSample.for_geometry("test-small", SMALL_GEOMETRY, seed=3, shape_px=(256, 256))
     return default_registry().register(sample)
@@ -55,8 +55,8 @@ def small_sample():
 @pytest.fixture
 def make_devices(small_sample) -> Callable:
     """A factory ``make_devices(data_dir, **settings) -> (stage, detector)`` for the small sample."""
-    from bluesky_ptychonn.devices import PtychoDetector, SimStage
-    from bluesky_ptychonn.sample import DetectorSettings
+    from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
+    from bluesky_ptychonn.sim.sample import DetectorSettings
 
     made = []
 

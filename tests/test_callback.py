@@ -13,17 +13,17 @@ from bluesky.utils import RunEngineInterrupted
 from ophyd.sim import det
 from tiled_servers import free_port, start_server
 
-from bluesky_ptychonn.archive import read_simulation_truth, subscribe_archive
-from bluesky_ptychonn.callback import CallbackConfig, PtychoNNCallback
-from bluesky_ptychonn.checkpoint import CheckpointInfo, save_checkpoint
-from bluesky_ptychonn.config import NetworkConfig, PreprocessRecipe
-from bluesky_ptychonn.geometry import ObjectGrid
-from bluesky_ptychonn.inference import Predictor
-from bluesky_ptychonn.live import LiveOptions
-from bluesky_ptychonn.metrics import compare
-from bluesky_ptychonn.network import PtychoNN
-from bluesky_ptychonn.plans import ptycho_fly_scan
-from bluesky_ptychonn.reconstruct import reconstruct
+from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+from bluesky_ptychonn.archive.truth import read_simulation_truth, subscribe_archive
+from bluesky_ptychonn.core.checkpoint import CheckpointInfo, save_checkpoint
+from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe
+from bluesky_ptychonn.core.engine import LiveOptions
+from bluesky_ptychonn.core.geometry import ObjectGrid
+from bluesky_ptychonn.core.inference import Predictor
+from bluesky_ptychonn.core.metrics import compare
+from bluesky_ptychonn.core.network import PtychoNN
+from bluesky_ptychonn.core.reconstruct import reconstruct
+from bluesky_ptychonn.live.callback import CallbackConfig, PtychoNNCallback
 
 STEP_M = 2e-7
 FAST = LiveOptions(batch_size=16, max_wait_s=0.05, publish_interval_s=0.1, retry_s=0.1)
@@ -199,8 +199,8 @@ def _inline_run(frames, positions, section, frame_ids=None):
 
 
 def test_inline_frames_and_malformed_documents(checkpoint):
-    from bluesky_ptychonn.config import DetectorGeometry
-    from bluesky_ptychonn.simulate import simulate_scan
+    from bluesky_ptychonn.core.config import DetectorGeometry
+    from bluesky_ptychonn.sim.physics import simulate_scan
 
     scan = simulate_scan(
         geometry=DetectorGeometry(frame_pixels=32), scan_shape=(4, 4), probe={"kind": "gaussian", "fwhm_px": 8}

@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bluesky_ptychonn.checkpoint import CheckpointInfo, load_model, read_info, save_checkpoint
-from bluesky_ptychonn.config import NetworkConfig, PreprocessRecipe
+from bluesky_ptychonn.core.checkpoint import CheckpointInfo, load_model, read_info, save_checkpoint
+from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe
+from bluesky_ptychonn.core.inference import Predictor
+from bluesky_ptychonn.core.network import PtychoNN
 from bluesky_ptychonn.errors import CheckpointError
-from bluesky_ptychonn.inference import Predictor
-from bluesky_ptychonn.network import PtychoNN
 
 NET = NetworkConfig(input_pixels=32, base_channels=4, depth=2)
 RECIPE = PreprocessRecipe(frame_shape=(32, 32), scale=0.5)
@@ -94,7 +94,7 @@ def test_mismatched_configuration_or_weights(checkpoint):
     save_checkpoint(path, other, CheckpointInfo(NetworkConfig(input_pixels=32, base_channels=8, depth=2), RECIPE))
     from safetensors.torch import load_file
 
-    from bluesky_ptychonn.checkpoint import content_hash
+    from bluesky_ptychonn.core.checkpoint import content_hash
 
     tensors = load_file(str(path))
     _rewrite(path, tensors, network=NET.model_dump(mode="json"), content_hash=content_hash(NET, RECIPE, tensors))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bluesky_ptychonn.cli import main
-from bluesky_ptychonn.scanfile import read_scan
+from bluesky_ptychonn.files.scanfile import read_scan
 
 
 def test_simulate_train_reconstruct(tmp_path, capsys):

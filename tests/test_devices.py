@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 from ophyd.utils import LimitError
 
-from bluesky_ptychonn.config import DetectorGeometry
-from bluesky_ptychonn.devices import DATASETS, SimStage
+from bluesky_ptychonn.acquisition.devices import DATASETS, SimStage
+from bluesky_ptychonn.core.config import DetectorGeometry
 from bluesky_ptychonn.errors import ConfigurationError, PositionError
-from bluesky_ptychonn.sample import (
+from bluesky_ptychonn.files.scanfile import read_scan
+from bluesky_ptychonn.sim.physics import diffraction_patterns
+from bluesky_ptychonn.sim.sample import (
     DetectorSettings,
     FlyScan,
     FlyTrajectory,
@@ -18,8 +20,6 @@ from bluesky_ptychonn.sample import (
     SimulatedSample,
     default_registry,
 )
-from bluesky_ptychonn.scanfile import read_scan
-from bluesky_ptychonn.simulate import diffraction_patterns
 
 
 def _fly(detector, trajectory):

@@ -15,11 +15,11 @@ from bluesky.utils import RunEngineInterrupted
 from event_model import DocumentNames, schema_validators
 from tiled.queries import Key
 
-from bluesky_ptychonn.archive import read_simulation_truth, subscribe_archive
+from bluesky_ptychonn.acquisition.plans import geometry_from_start, nominal_positions_from_start, ptycho_fly_scan
+from bluesky_ptychonn.archive.servers import API_KEY_ENV, FacilityServer, add_serve_command
+from bluesky_ptychonn.archive.truth import read_simulation_truth, subscribe_archive
 from bluesky_ptychonn.errors import ConfigurationError, PositionError
-from bluesky_ptychonn.plans import geometry_from_start, nominal_positions_from_start, ptycho_fly_scan
-from bluesky_ptychonn.scanfile import TRUTH_NOTE, read_scan
-from bluesky_ptychonn.server import API_KEY_ENV, FacilityServer, add_serve_command
+from bluesky_ptychonn.files.scanfile import TRUTH_NOTE, read_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_M = 2e-7

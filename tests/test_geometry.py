@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from bluesky_ptychonn.config import DetectorGeometry
+from bluesky_ptychonn.core.config import DetectorGeometry
+from bluesky_ptychonn.core.geometry import ObjectGrid, extract_patches, real_space_pixel_m, wavelength_m
+from bluesky_ptychonn.core.stitching import PatchStitcher
 from bluesky_ptychonn.errors import ConfigurationError, PositionError
-from bluesky_ptychonn.geometry import ObjectGrid, extract_patches, real_space_pixel_m, wavelength_m
-from bluesky_ptychonn.stitching import PatchStitcher
 
 
 def test_wavelength_and_pixel_size():

@@ -9,17 +9,17 @@ import sys
 import numpy as np
 import pytest
 
-from bluesky_ptychonn.config import DetectorGeometry
-from bluesky_ptychonn.errors import ConfigurationError, FrameError, PositionError
-from bluesky_ptychonn.geometry import ObjectGrid
-from bluesky_ptychonn.iterative import (
+from bluesky_ptychonn.core.config import DetectorGeometry
+from bluesky_ptychonn.core.geometry import ObjectGrid
+from bluesky_ptychonn.core.iterative import (
     GRID_MARGIN_PIXELS,
     IterativeOptions,
     epie_step_size,
     reconstruct_iterative,
 )
-from bluesky_ptychonn.metrics import compare
-from bluesky_ptychonn.simulate import simulate_scan
+from bluesky_ptychonn.core.metrics import compare
+from bluesky_ptychonn.errors import ConfigurationError, FrameError, PositionError
+from bluesky_ptychonn.sim.physics import simulate_scan
 
 PHOTONS = 1e6
 GEOMETRY = DetectorGeometry(frame_pixels=32)

@@ -9,14 +9,14 @@ from tiled.client import from_uri
 from tiled.server import SimpleTiledServer
 from tiled_servers import free_port, start_server
 
-from bluesky_ptychonn.checkpoint import CheckpointInfo
-from bluesky_ptychonn.config import DetectorGeometry, NetworkConfig, PreprocessRecipe
-from bluesky_ptychonn.inference import Predictor
-from bluesky_ptychonn.live import LiveOptions, LiveReconstruction
-from bluesky_ptychonn.network import PtychoNN
-from bluesky_ptychonn.reconstruct import reconstruct
-from bluesky_ptychonn.simulate import simulate_scan
-from bluesky_ptychonn.sink import TiledSink
+from bluesky_ptychonn.core.checkpoint import CheckpointInfo
+from bluesky_ptychonn.core.config import DetectorGeometry, NetworkConfig, PreprocessRecipe
+from bluesky_ptychonn.core.engine import LiveOptions, LiveReconstruction
+from bluesky_ptychonn.core.inference import Predictor
+from bluesky_ptychonn.core.network import PtychoNN
+from bluesky_ptychonn.core.reconstruct import reconstruct
+from bluesky_ptychonn.live.sink import TiledSink
+from bluesky_ptychonn.sim.physics import simulate_scan
 
 FAST = LiveOptions(batch_size=16, max_wait_s=0.05, publish_interval_s=0.05, retry_s=0.1, final_retry_s=60)
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bluesky_ptychonn.metrics import compare, pearson, psnr, remove_phase_offset, ssim
+from bluesky_ptychonn.core.metrics import compare, pearson, psnr, remove_phase_offset, ssim
 
 
 def test_identical_images():

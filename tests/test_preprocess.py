@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from bluesky_ptychonn.config import DetectorGeometry, PreprocessRecipe, validated
+from bluesky_ptychonn.core.config import DetectorGeometry, PreprocessRecipe, validated
+from bluesky_ptychonn.core.preprocess import bad_frames, check_frames, fitted_scale, preprocess
 from bluesky_ptychonn.errors import ConfigurationError, FrameError
-from bluesky_ptychonn.preprocess import bad_frames, check_frames, fitted_scale, preprocess
 
 
 def test_crop_bin_resize_threshold_transform():

@@ -15,14 +15,14 @@ from databroker.queries import TimeRange
 from ophyd.sim import det
 from tiled.queries import Key
 
-from bluesky_ptychonn.archive import subscribe_archive
-from bluesky_ptychonn.callback import PtychoNNCallback
+from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+from bluesky_ptychonn.archive.replay import replay_run, replay_runs, select, selection, where
+from bluesky_ptychonn.archive.truth import subscribe_archive
 from bluesky_ptychonn.cli import main
+from bluesky_ptychonn.core.engine import LiveOptions
+from bluesky_ptychonn.core.inference import Predictor
 from bluesky_ptychonn.errors import ConfigurationError, RunError
-from bluesky_ptychonn.inference import Predictor
-from bluesky_ptychonn.live import LiveOptions
-from bluesky_ptychonn.plans import ptycho_fly_scan
-from bluesky_ptychonn.replay import replay_run, replay_runs, select, selection, where
+from bluesky_ptychonn.live.callback import PtychoNNCallback
 
 STEP_M = 2e-7
 FAST = LiveOptions(batch_size=16, max_wait_s=0.05, publish_interval_s=0.1, retry_s=0.1)

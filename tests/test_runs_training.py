@@ -17,22 +17,22 @@ from bluesky import plans as bp
 from ophyd.sim import det
 from tiled.queries import Key
 
-from bluesky_ptychonn.archive import subscribe_archive
-from bluesky_ptychonn.callback import PtychoNNCallback
-from bluesky_ptychonn.checkpoint import CheckpointInfo, load_model, read_info, save_checkpoint
+from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+from bluesky_ptychonn.archive.labels import iterative_run, read_iterative
+from bluesky_ptychonn.archive.runs import scan_from_run
+from bluesky_ptychonn.archive.training import fine_tune, register_model, train_from_runs, training_set_from_runs
+from bluesky_ptychonn.archive.truth import subscribe_archive
 from bluesky_ptychonn.cli import main
-from bluesky_ptychonn.config import NetworkConfig, PreprocessRecipe, TrainConfig
+from bluesky_ptychonn.core.checkpoint import CheckpointInfo, load_model, read_info, save_checkpoint
+from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe, TrainConfig
+from bluesky_ptychonn.core.geometry import ObjectGrid, extract_patches
+from bluesky_ptychonn.core.inference import Predictor
+from bluesky_ptychonn.core.iterative import IterativeOptions
+from bluesky_ptychonn.core.network import PtychoNN
 from bluesky_ptychonn.errors import ConfigurationError, RunError
-from bluesky_ptychonn.geometry import ObjectGrid, extract_patches
-from bluesky_ptychonn.inference import Predictor
-from bluesky_ptychonn.iterative import IterativeOptions
-from bluesky_ptychonn.network import PtychoNN
-from bluesky_ptychonn.plans import ptycho_fly_scan
-from bluesky_ptychonn.run_labels import iterative_run, read_iterative
-from bluesky_ptychonn.run_training import fine_tune, register_model, train_from_runs, training_set_from_runs
-from bluesky_ptychonn.runs import scan_from_run
-from bluesky_ptychonn.service import ModelSection, ModelWatcher
-from bluesky_ptychonn.simulate import far_field
+from bluesky_ptychonn.live.callback import PtychoNNCallback
+from bluesky_ptychonn.live.service import ModelSection, ModelWatcher
+from bluesky_ptychonn.sim.physics import far_field
 
 STEP_M = 2e-7
 TINY = NetworkConfig(input_pixels=32, base_channels=4, depth=2)

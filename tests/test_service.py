@@ -19,13 +19,13 @@ from bluesky.callbacks.zmq import Publisher
 from tiled_servers import free_port
 from tiny_models import write_tiny_checkpoint
 
-from bluesky_ptychonn.archive import subscribe_archive
+from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+from bluesky_ptychonn.archive.truth import subscribe_archive
+from bluesky_ptychonn.core.geometry import ObjectGrid
+from bluesky_ptychonn.core.inference import Predictor
+from bluesky_ptychonn.core.reconstruct import reconstruct
 from bluesky_ptychonn.errors import ConfigurationError
-from bluesky_ptychonn.geometry import ObjectGrid
-from bluesky_ptychonn.inference import Predictor
-from bluesky_ptychonn.plans import ptycho_fly_scan
-from bluesky_ptychonn.reconstruct import reconstruct
-from bluesky_ptychonn.service import ModelWatcher, build_callback, load_config
+from bluesky_ptychonn.live.service import ModelWatcher, build_callback, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLBACKS = ROOT / "callbacks"

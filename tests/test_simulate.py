@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from bluesky_ptychonn.config import DetectorGeometry
+from bluesky_ptychonn.core.config import DetectorGeometry
+from bluesky_ptychonn.core.geometry import ObjectGrid
 from bluesky_ptychonn.errors import ConfigurationError
-from bluesky_ptychonn.geometry import ObjectGrid
-from bluesky_ptychonn.simulate import (
+from bluesky_ptychonn.sim.physics import (
     diffraction_patterns,
     far_field,
     gaussian_probe,

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
+from bluesky_ptychonn.core.geometry import ObjectGrid, extract_patches
+from bluesky_ptychonn.core.stitching import PatchStitcher, patch_window
 from bluesky_ptychonn.errors import FrameError, PositionError
-from bluesky_ptychonn.geometry import ObjectGrid, extract_patches
-from bluesky_ptychonn.simulate import random_features_object, scan_positions
-from bluesky_ptychonn.stitching import PatchStitcher, patch_window
+from bluesky_ptychonn.sim.physics import random_features_object, scan_positions
 
 
 def _scan(step_px, jitter_px=0.0, pixel=1e-8, n=16):

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from bluesky_ptychonn.config import DetectorGeometry, NetworkConfig, PreprocessRecipe, TrainConfig
+from bluesky_ptychonn.core.config import DetectorGeometry, NetworkConfig, PreprocessRecipe, TrainConfig
+from bluesky_ptychonn.core.training import TrainingSet, choose_transform, fit, spatial_split
 from bluesky_ptychonn.errors import ConfigurationError
-from bluesky_ptychonn.simulate import simulate_scan
-from bluesky_ptychonn.training import TrainingSet, choose_transform, fit, spatial_split
+from bluesky_ptychonn.sim.physics import simulate_scan
 
 NET = NetworkConfig(input_pixels=32, base_channels=4, depth=2, batch_norm=True)
 RECIPE = PreprocessRecipe(frame_shape=(32, 32))

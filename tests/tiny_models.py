@@ -2,9 +2,9 @@
 
 import torch
 
-from bluesky_ptychonn.checkpoint import CheckpointInfo, save_checkpoint
-from bluesky_ptychonn.config import NetworkConfig, PreprocessRecipe
-from bluesky_ptychonn.network import PtychoNN
+from bluesky_ptychonn.core.checkpoint import CheckpointInfo, save_checkpoint
+from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe
+from bluesky_ptychonn.core.network import PtychoNN
 
 TINY_NET = NetworkConfig(input_pixels=32, base_channels=4, depth=2)
 

@@ -1,0 +1,1 @@
+"""The simulated beamline as Bluesky sees it: ophyd stage and diffraction detector, and the fly-scan plan."""

@@ -1,0 +1,383 @@
+"""Training from prior runs pulled through databroker, fine-tuning, and models registered in Tiled.
+
+The paper trained on ePIE reconstructions of the first scan lines of a prior scan; here the prior
+runs come from the catalog (selected by uid or start-document query), their labels from their
+stored pty-chi reconstructions (computed when missing) or, for simulated runs, the ground truth
+(:mod:`~bluesky_ptychonn.archive.labels`). A new checkpoint is written atomically
+(:func:`~bluesky_ptychonn.core.checkpoint.save_checkpoint` writes beside the target, then renames), so a
+consumer's :class:`~bluesky_ptychonn.live.service.ModelWatcher` never reads half a file. A model can be
+registered at ``models/<content hash>`` in Tiled so that every result's ``model_hash`` leads to
+the runs and label source behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import ConfigurationError, RunError
+
+if TYPE_CHECKING:
+    from ..core.checkpoint import CheckpointInfo
+    from ..core.config import NetworkConfig, PreprocessRecipe, TrainConfig
+    from ..core.iterative import IterativeOptions
+    from ..core.network import PtychoNN
+    from ..core.training import TrainingSet
+    from .labels import LabelSource
+
+#: Container of registered models on the Tiled server.
+MODELS = "models"
+
+
+def training_set_from_runs(
+    catalog: Any,
+    uids_or_queries: Iterable[Any],
+    *,
+    label_source: LabelSource = "iterative",
+    lines: float = 1.0,
+    client: Any = None,
+    iterative_options: IterativeOptions | None = None,
+    recipe: PreprocessRecipe | None = None,
+    newest: int | None = None,
+    progress: bool = False,
+) -> TrainingSet:
+    """Frames of prior runs with label patches at each frame's position, one group per run.
+
+    Parameters
+    ----------
+    catalog : databroker.client.CatalogOfBlueskyRuns
+    uids_or_queries : iterable
+        As for :func:`~bluesky_ptychonn.archive.replay.select`: uids, queries, tuples of queries.
+    label_source : {"iterative", "truth"}
+    lines : float
+        Use the frames on the first ``lines`` fraction of each run's scan lines (the paper: 100 lines).
+    client : tiled Container, optional
+        The server's root, to read and store iterative labels; default: the catalog's connection.
+    iterative_options : IterativeOptions, optional
+        For iterative labels that have to be computed.
+    recipe : PreprocessRecipe, optional
+        The network's recipe (fine-tuning); its pixel grid must be the runs' (no crop, bin or resize).
+    newest : int, optional
+        Keep only the ``newest`` selected runs (by start time).
+
+    Raises
+    ------
+    RunError
+        Any selection or run problem (see :func:`~bluesky_ptychonn.archive.replay.select`), runs of different
+        frame sizes or pixel sizes, no truth or no probe for the chosen labels; each names the run.
+    ConfigurationError
+        ``recipe`` does not fit the runs.
+    """
+    from ..core.reconstruct import split_lines
+    from ..core.training import TrainingSet
+    from ..live.callback import run_geometry
+    from .labels import check_labels_available, label_patches
+    from .replay import check_ptychography, root_of, select
+    from .runs import scan_from_run
+
+    if label_source not in ("iterative", "truth"):
+        raise ConfigurationError(f"label source must be 'iterative' or 'truth', got {label_source!r}")
+    if not 0 < lines <= 1:
+        raise ConfigurationError(f"lines must be a fraction in (0, 1], got {lines!r}")
+    if newest is not None and newest < 1:
+        raise ConfigurationError(f"newest must be a positive number of runs, got {newest!r}")
+    runs = sorted(select(catalog, uids_or_queries), key=lambda r: r.metadata["start"].get("time", 0.0))
+    runs = runs[-newest:] if newest else runs
+    check_ptychography(runs)
+    client = root_of(catalog) if client is None else client
+    # Everything that metadata alone can refuse is refused before any frame is read or pty-chi runs.
+    first_uid, geometry = None, None
+    for run in runs:
+        start = run.metadata["start"]
+        uid, section = start["uid"], start["ptychography"]
+        this = run_geometry(section)
+        if geometry is None:
+            first_uid, geometry = uid, this
+        elif this.frame_pixels != geometry.frame_pixels or not np.isclose(
+            this.pixel_size_m(), geometry.pixel_size_m(), rtol=1e-6
+        ):
+            raise RunError(
+                f"runs of different geometry cannot share a training set: run {uid} has {this.frame_pixels}-pixel "
+                f"frames of {this.pixel_size_m():.6g} m pixels ({this}), run {first_uid} {geometry.frame_pixels}-pixel "
+                f"frames of {geometry.pixel_size_m():.6g} m pixels ({geometry})"
+            )
+    assert geometry is not None  # select() never returns an empty list
+    check_labels_available(runs, label_source, client)
+    n = geometry.frame_pixels
+    if recipe is not None:
+        pixel = recipe.pixel_size_m(geometry)
+        if recipe.output_pixels != n or not np.isclose(pixel, geometry.pixel_size_m(), rtol=1e-6):
+            raise ConfigurationError(
+                f"the recipe makes {recipe.output_pixels}-pixel inputs of {pixel:.6g} m pixels, but the labels of run "
+                f"{first_uid} are {n}-pixel patches of {geometry.pixel_size_m():.6g} m pixels"
+            )
+    parts = []
+    for run in runs:
+        scan = scan_from_run(run, with_truth=False)
+        uid = scan.metadata["uid"]
+        index = split_lines(scan.positions_m, lines)[0] if lines < 1 else np.arange(len(scan.frames))
+        amplitude, phase, provenance = label_patches(
+            run,
+            scan.positions_m[index],
+            source=label_source,
+            pixel_size_m=geometry.pixel_size_m(),
+            patch_pixels=n,
+            client=client,
+            iterative_options=iterative_options,
+            progress=progress,
+        )
+        source = {
+            "run_uid": uid,
+            "scan_id": run.metadata["start"].get("scan_id"),
+            "sample_id": scan.metadata.get("sample_id"),
+            "lines_fraction": lines,
+            "frames": int(len(index)),
+            **provenance,
+        }
+        groups = np.zeros(len(index), np.int64)  # one validation block per run
+        parts.append(TrainingSet(scan.frames[index], amplitude, phase, scan.positions_m[index], groups, [source]))
+    return TrainingSet.concatenate(parts)
+
+
+def _run_provenance(data: TrainingSet, label_source: str) -> dict[str, Any]:
+    return {"run_uids": [s["run_uid"] for s in data.sources], "label_source": label_source}
+
+
+def train_from_runs(
+    catalog: Any,
+    uids_or_queries: Iterable[Any],
+    *,
+    label_source: LabelSource = "iterative",
+    lines: float = 1.0,
+    network: NetworkConfig | str = "paper",
+    recipe: PreprocessRecipe | None = None,
+    config: TrainConfig | None = None,
+    client: Any = None,
+    iterative_options: IterativeOptions | None = None,
+    device: str = "auto",
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[PtychoNN, CheckpointInfo]:
+    """Train a new model on prior runs: :func:`training_set_from_runs`, then :func:`~..core.training.fit`.
+
+    ``network`` is a configuration or a preset name (``"paper"``, ``"small"``) sized to the runs'
+    frames; ``recipe`` defaults to whole frames, sqrt transform, scale fitted on the training
+    frames. The provenance holds ``run_uids``, ``label_source`` and each run's source; with
+    ``out`` the checkpoint is written there (atomically, by :func:`~bluesky_ptychonn.core.checkpoint.save_checkpoint`).
+    """
+    from ..core.checkpoint import save_checkpoint
+    from ..core.config import NetworkConfig, PreprocessRecipe
+    from ..core.training import fit
+
+    data = training_set_from_runs(
+        catalog,
+        uids_or_queries,
+        label_source=label_source,
+        lines=lines,
+        client=client,
+        iterative_options=iterative_options,
+        recipe=recipe,
+        progress=progress,
+    )
+    n = data.amplitude.shape[-1]
+    network = NetworkConfig.preset(network, n) if isinstance(network, str) else network
+    recipe = recipe or PreprocessRecipe(frame_shape=tuple(data.frames.shape[1:]))
+    model, info = fit(data, network, recipe, config, device=device, progress=progress)
+    info.provenance.update(_run_provenance(data, label_source))
+    if out is not None:
+        info = save_checkpoint(out, model, info)  # atomic: written beside ``out``, then renamed over it
+    return model, info
+
+
+def fine_tune(
+    checkpoint: str | Path,
+    catalog: Any,
+    uids_or_queries: Iterable[Any],
+    *,
+    epochs: int,
+    out: str | Path | None = None,
+    newest: int | None = None,
+    label_source: LabelSource = "iterative",
+    lines: float = 1.0,
+    learning_rate: float = 1e-4,
+    config: TrainConfig | None = None,
+    client: Any = None,
+    iterative_options: IterativeOptions | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[PtychoNN, CheckpointInfo]:
+    """Continue training an existing model on the newest runs and publish it where the consumer watches.
+
+    The network, the recipe and its input scale stay those of ``checkpoint`` (the weights were
+    trained for that scale); training starts from its weights at ``learning_rate`` (below the
+    paper's 1e-3 from scratch, so a few runs refine the model rather than overwrite it). The new
+    checkpoint goes to ``out`` (default: ``checkpoint`` itself, replaced atomically) and its
+    provenance names the model it came from.
+    """
+    from ..core.checkpoint import load_model, save_checkpoint
+    from ..core.config import TrainConfig
+    from ..core.training import fit
+
+    base, base_info = load_model(checkpoint, "cpu")
+    data = training_set_from_runs(
+        catalog,
+        uids_or_queries,
+        label_source=label_source,
+        lines=lines,
+        client=client,
+        iterative_options=iterative_options,
+        recipe=base_info.recipe,
+        newest=newest,
+        progress=progress,
+    )
+    settings = (config or TrainConfig()).model_dump()
+    config = TrainConfig(**{**settings, "epochs": epochs, "learning_rate": learning_rate})
+    model, info = fit(
+        data,
+        base_info.network,
+        base_info.recipe,
+        config,
+        device=device,
+        progress=progress,
+        fit_scale=False,
+        initial_state=base.state_dict(),
+    )
+    info.provenance.update(_run_provenance(data, label_source))
+    info.provenance["fine_tuned_from"] = {
+        "content_hash": base_info.content_hash,
+        "run_uids": base_info.provenance.get("run_uids", []),
+        "label_source": base_info.provenance.get("label_source"),
+    }
+    info = save_checkpoint(checkpoint if out is None else out, model, info)  # atomic, see save_checkpoint
+    return model, info
+
+
+def register_model(client: Any, checkpoint: str | Path | CheckpointInfo) -> str:
+    """Describe a model at ``models/<content hash>`` in Tiled; return that path.
+
+    The metadata is the checkpoint's (network, recipe, provenance with run uids and label source,
+    package version) and its metrics without the per-epoch history. A model already registered
+    (same hash, so same weights and configuration) is left as it is.
+    """
+    from ..core.checkpoint import CheckpointInfo, read_info
+
+    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_info(checkpoint)[0]
+    if not info.content_hash:
+        raise ConfigurationError("the checkpoint info has no content hash: save the checkpoint first")
+    metadata = info.as_metadata()
+    metadata["metrics"] = {k: v for k, v in info.metrics.items() if k != "history"}
+    if not isinstance(checkpoint, CheckpointInfo):
+        metadata["checkpoint_file"] = str(Path(checkpoint).resolve())
+    models = client[MODELS] if MODELS in client else client.create_container(MODELS)
+    if info.content_hash not in models:
+        models.create_container(info.content_hash, metadata=metadata)
+    return f"{MODELS}/{info.content_hash}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    from .replay import add_selection_arguments
+
+    add_selection_arguments(p)
+    p.add_argument("--labels", choices=("iterative", "truth"), required=True, help="label source")
+    p.add_argument("--lines", type=float, default=1.0, help="use the first fraction of each run's scan lines")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--iterative-engine", choices=("epie", "lsqml"), default="epie", help="for missing labels")
+    p.add_argument("--iterative-epochs", type=int, default=100, help="for missing labels")
+    p.add_argument("--no-register", action="store_true", help="do not describe the model at models/<hash> in Tiled")
+
+
+def add_train_runs_command(sub: argparse._SubParsersAction) -> None:
+    """Register ``bluesky-ptychonn train-runs``."""
+    p = sub.add_parser("train-runs", help="train a model on prior runs selected in the Tiled catalog")
+    _add_common(p)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors), atomically")
+    p.add_argument("--network", choices=("paper", "small"), default="paper")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--patience", type=int, default=5, help="epochs of plateau before the rate halves")
+    p.set_defaults(func=_train_runs_command)
+
+
+def add_fine_tune_command(sub: argparse._SubParsersAction) -> None:
+    """Register ``bluesky-ptychonn fine-tune``."""
+    p = sub.add_parser("fine-tune", help="continue training a model on the newest runs; replace it atomically")
+    p.add_argument("checkpoint", type=Path, help="the model to start from (and, without --out, to replace)")
+    _add_common(p)
+    p.add_argument("--out", type=Path, default=None, help="where to write the new model (default: CHECKPOINT)")
+    p.add_argument("--newest", type=int, default=None, help="train on the newest N selected runs only")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.set_defaults(func=_fine_tune_command)
+
+
+def _options(args: argparse.Namespace) -> tuple[TrainConfig, IterativeOptions]:
+    from ..core.config import TrainConfig
+    from ..core.iterative import IterativeOptions
+
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, plateau_patience=getattr(args, "patience", 5)
+    )
+    return config, IterativeOptions(engine=args.iterative_engine, epochs=args.iterative_epochs)
+
+
+def _summary(args: argparse.Namespace, client: Any, path: Path, info: CheckpointInfo) -> dict:
+    return {
+        "checkpoint": str(path),
+        "content_hash": info.content_hash,
+        "registered": None if args.no_register else register_model(client, path),
+        "run_uids": info.provenance["run_uids"],
+        "label_source": info.provenance["label_source"],
+        **{k: v for k, v in info.metrics.items() if k != "history"},
+    }
+
+
+def _train_runs_command(args: argparse.Namespace) -> dict:
+    from .replay import runs_from_args
+
+    client, raw, items = runs_from_args(args)
+    config, iterative = _options(args)
+    _, info = train_from_runs(
+        raw,
+        items,
+        label_source=args.labels,
+        lines=args.lines,
+        network=args.network,
+        config=config,
+        client=client,
+        iterative_options=iterative,
+        device=args.device,
+        out=args.out,
+    )
+    return _summary(args, client, args.out, info)
+
+
+def _fine_tune_command(args: argparse.Namespace) -> dict:
+    from .replay import runs_from_args
+
+    client, raw, items = runs_from_args(args)
+    config, iterative = _options(args)
+    _, info = fine_tune(
+        args.checkpoint,
+        raw,
+        items,
+        epochs=args.epochs,
+        out=args.out,
+        newest=args.newest,
+        label_source=args.labels,
+        lines=args.lines,
+        learning_rate=args.learning_rate,
+        config=config,
+        client=client,
+        iterative_options=iterative,
+        device=args.device,
+    )
+    return _summary(args, client, args.out or args.checkpoint, info)

@@ -1,0 +1,286 @@
+"""One run's live reconstruction: micro-batched inference and stitching off the caller's thread.
+
+:class:`LiveReconstruction` takes frames as they arrive (``submit`` never blocks on inference),
+runs the model in micro-batches on a worker thread, stitches incrementally, and hands snapshots
+to a sink on a publisher thread at a fixed cadence, so neither inference nor the RunEngine ever
+waits for Tiled. Failures are recorded, never raised to the caller:
+
+* a bad frame (wrong shape, NaN, negative) or a position off the grid is dropped and counted;
+* an exception in a batch is logged, kept in ``errors`` and the run goes on;
+* a sink failure (Tiled unreachable) keeps the image in memory and retries with back-off; the
+  final image is written once the sink works again (within ``final_retry_s``).
+
+The class knows nothing of Bluesky: the callback and replay both feed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import PositionError
+from .geometry import ObjectGrid
+from .preprocess import bad_frames
+from .stitching import PatchStitcher, StitchedImage, patch_window
+
+logger = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Where snapshots go (the Tiled sink, or anything with this method)."""
+
+    def publish(self, image: StitchedImage, metadata: dict[str, Any]) -> None:
+        """Write the image and metadata; raise on failure (the caller retries)."""
+
+
+@dataclass(frozen=True)
+class LiveOptions:
+    """Batching, cadence and retry policy of a live reconstruction."""
+
+    batch_size: int = 64
+    """Frames per inference micro-batch."""
+    max_wait_s: float = 0.2
+    """Longest a frame waits for its micro-batch to fill."""
+    publish_interval_s: float = 1.0
+    """Cadence of snapshots to the sink while the scan runs."""
+    retry_s: float = 1.0
+    """First delay after a failed publish; doubles up to 30 s."""
+    final_retry_s: float = 600.0
+    """How long the final image keeps being retried after the run ends."""
+    window: str = "gaussian"
+    """Stitching weight of each patch (see :func:`~bluesky_ptychonn.core.stitching.patch_window`)."""
+    saturation_counts: float | None = None
+    """Frames with any pixel at or above this are dropped as saturated; None keeps them."""
+
+
+_STOP = object()
+
+
+class LiveReconstruction:
+    """Reconstructs one run from frames submitted in any order and any batch size."""
+
+    def __init__(
+        self,
+        predictor: Any,
+        grid: ObjectGrid,
+        sink: Sink | None,
+        metadata: dict[str, Any],
+        options: LiveOptions | None = None,
+    ) -> None:
+        self.predictor = predictor
+        self.options = options or LiveOptions()
+        n = predictor.patch_pixels
+        self.stitcher = PatchStitcher(grid, n, patch_window(n, self.options.window))
+        self.sink = sink
+        self.metadata = {
+            **metadata,
+            "status": "running",
+            "model_hash": predictor.info.content_hash,
+            "grid": grid.as_metadata(),
+            "pixel_size_m": grid.pixel_size_m,
+            "frames_done": 0,
+            "frames_dropped": 0,
+            "frames_duplicate": 0,
+            "errors": [],
+        }
+        self.timings: dict[str, float] = {"inference_s": 0.0, "stitch_s": 0.0, "publish_s": 0.0}
+        # (time, frames so far) at each submit and each successful publish, for latency figures.
+        self.submit_log: list[tuple[float, int]] = []
+        self.publish_log: list[tuple[float, int]] = []
+        self._seen: set[int] = set()
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # guards stitcher and metadata between worker and publisher
+        self._dirty = threading.Event()
+        self._finished = threading.Event()
+        self._published_final = threading.Event()
+        self._first_frame: float | None = None
+        self._worker = threading.Thread(target=self._work, name="ptychonn-inference", daemon=True)
+        self._publisher = threading.Thread(target=self._publish_loop, name="ptychonn-publish", daemon=True)
+        self._worker.start()
+        self._publisher.start()
+
+    # -- input ------------------------------------------------------------------------------
+
+    def submit(self, frame_ids: np.ndarray, frames: np.ndarray, positions_m: np.ndarray) -> None:
+        """Queue frames with their ids and positions (y, x) in metres; returns at once."""
+        if self._first_frame is None:
+            self._first_frame = time.time()
+        frames = np.asarray(frames)
+        expected = tuple(self.predictor.info.recipe.frame_shape)
+        if frames.shape[-2:] != expected:  # refuse here: one bad shape must not sink a whole micro-batch
+            self.record_error(
+                f"dropped {len(np.atleast_1d(frame_ids))} frames of shape {frames.shape[-2:]}, "
+                f"the model expects {expected}"
+            )
+            self._count("frames_dropped", len(np.atleast_1d(frame_ids)))
+            return
+        self._queue.put((np.asarray(frame_ids), frames, np.asarray(positions_m, np.float64)))
+        submitted = (self.submit_log[-1][1] if self.submit_log else 0) + len(np.atleast_1d(frame_ids))
+        self.submit_log.append((time.time(), submitted))
+
+    def record_error(self, message: str) -> None:
+        """Keep an error in the result's metadata (and the log)."""
+        logger.error("run %s: %s", self.metadata.get("raw_uid"), message)
+        with self._lock:
+            self.metadata["errors"].append(message)
+        self._dirty.set()
+
+    def finish(self, status: str = "complete", **extra: Any) -> None:
+        """No more frames: process what is queued, then publish the final image with ``status``."""
+        self._queue.put((_STOP, status, extra))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the final image is published (or given up on); True if it was published."""
+        self._publisher.join(timeout)
+        return self._published_final.is_set()
+
+    def snapshot(self) -> StitchedImage:
+        """The current image."""
+        with self._lock:
+            return self.stitcher.snapshot()
+
+    # -- worker -----------------------------------------------------------------------------
+
+    def _next_batch(self) -> tuple[list, Any]:
+        """Collect up to batch_size frames, waiting at most max_wait_s after the first."""
+        items, stop, count = [], None, 0
+        first = self._queue.get()
+        deadline = time.monotonic() + self.options.max_wait_s
+        while True:
+            if first[0] is _STOP:
+                stop = first
+                break
+            items.append(first)
+            count += len(first[0])
+            if count >= self.options.batch_size:
+                break
+            try:
+                first = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+        return items, stop
+
+    def _work(self) -> None:
+        while True:
+            items, stop = self._next_batch()
+            if items:
+                try:
+                    self._process(items)
+                except Exception as err:  # the analysis never takes the scan down
+                    self.record_error(f"batch of {sum(len(i[0]) for i in items)} frames failed: {err!r}")
+                    logger.debug("%s", traceback.format_exc())
+            if stop is not None:
+                _, status, extra = stop
+                with self._lock:
+                    self.metadata.update(extra)
+                    # Gaps in the reconstructed frame ids: frames dropped here or never delivered.
+                    self.metadata["frames_missing"] = max(self._seen) + 1 - len(self._seen) if self._seen else 0
+                    self.metadata["status"] = status
+                    self.metadata["finished"] = time.time()
+                    self.metadata["first_frame"] = self._first_frame
+                self._finished.set()
+                self._dirty.set()
+                return
+
+    def _process(self, items: list) -> None:
+        ids = np.concatenate([np.atleast_1d(i[0]) for i in items])
+        frames = np.concatenate([i[1] if i[1].ndim == 3 else i[1][None] for i in items])
+        positions = np.concatenate([np.atleast_2d(i[2]) for i in items])
+        keep = self._accept(ids, frames, positions)
+        if not keep.any():
+            return
+        t0 = time.perf_counter()
+        amplitude, phase = self.predictor.predict(frames[keep])
+        t1 = time.perf_counter()
+        with self._lock:
+            self.stitcher.add(amplitude, phase, positions[keep])
+            self.metadata["frames_done"] = self.stitcher.frames
+        self.timings["inference_s"] += t1 - t0
+        self.timings["stitch_s"] += time.perf_counter() - t1
+        self._dirty.set()
+
+    def _accept(self, ids: np.ndarray, frames: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Mask of frames to reconstruct; the rest are counted as dropped or duplicate."""
+        keep = ~bad_frames(frames)
+        if self.options.saturation_counts is not None:
+            keep &= frames.reshape(len(frames), -1).max(axis=1) < self.options.saturation_counts
+        if (~keep).any():
+            self.record_error(
+                f"dropped {int((~keep).sum())} NaN, negative or saturated frames (ids {ids[~keep][:5].tolist()})"
+            )
+            self._count("frames_dropped", int((~keep).sum()))
+        try:
+            self.stitcher.grid.patch_corners(positions[keep], self.stitcher.n)
+        except PositionError:
+            off = np.zeros(len(frames), bool)
+            for i in np.flatnonzero(keep):
+                try:
+                    self.stitcher.grid.patch_corners(positions[i : i + 1], self.stitcher.n)
+                except PositionError:
+                    off[i] = True
+            self.record_error(
+                f"dropped {int(off.sum())} frames whose positions are off the grid (ids {ids[off][:5].tolist()})"
+            )
+            self._count("frames_dropped", int(off.sum()))
+            keep &= ~off
+        fresh = np.array([int(i) not in self._seen for i in ids])
+        duplicate = keep & ~fresh
+        if duplicate.any():
+            self._count("frames_duplicate", int(duplicate.sum()))
+        keep &= fresh
+        self._seen.update(int(i) for i in ids[keep])
+        return keep
+
+    def _count(self, key: str, n: int) -> None:
+        with self._lock:
+            self.metadata[key] += n
+
+    # -- publisher --------------------------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        delay = self.options.retry_s
+        give_up_at: float | None = None
+        while True:
+            finished = self._finished.is_set()
+            if finished and give_up_at is None:
+                give_up_at = time.monotonic() + self.options.final_retry_s
+            if self._dirty.is_set() or finished:
+                self._dirty.clear()
+                if self._publish():
+                    delay = self.options.retry_s
+                    if finished:
+                        self._published_final.set()
+                        return
+                else:
+                    self._dirty.set()
+                    if give_up_at is not None and time.monotonic() > give_up_at:
+                        logger.error("run %s: gave up writing the final image", self.metadata.get("raw_uid"))
+                        return
+                    time.sleep(delay)
+                    delay = min(30.0, delay * 2)
+                    continue
+            # Sleep until the next cadence tick, or at once when the run finishes.
+            self._finished.wait(self.options.publish_interval_s)
+
+    def _publish(self) -> bool:
+        if self.sink is None:
+            return True
+        with self._lock:
+            image = self.stitcher.snapshot()
+            metadata = {**self.metadata, "errors": list(self.metadata["errors"]), "timings": dict(self.timings)}
+        t0 = time.perf_counter()
+        try:
+            self.sink.publish(image, metadata)
+        except Exception as err:  # Tiled down, network error: keep the image and retry
+            logger.warning("run %s: publishing failed (%r); will retry", self.metadata.get("raw_uid"), err)
+            return False
+        self.timings["publish_s"] += time.perf_counter() - t0
+        self.publish_log.append((time.time(), image.frames))
+        return True

@@ -1,0 +1,59 @@
+"""PNG figures of reconstructions: amplitude and phase, beside references where there are any."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..core.geometry import ObjectGrid
+
+
+def save_figure(
+    path: str | Path,
+    panels: list[tuple[str, np.ndarray, np.ndarray]],
+    grid: ObjectGrid,
+    *,
+    mask: np.ndarray | None = None,
+    title: str = "",
+) -> Path:
+    """Write a figure with one column per (label, amplitude, phase) panel and rows amplitude, phase.
+
+    All panels share ``grid`` and are cropped to the bounding box of ``mask`` (the scanned region)
+    when given; axes are in micrometres.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    box = (slice(None), slice(None))
+    extent = np.asarray(grid.extent_m()) * 1e6
+    if mask is not None and mask.any():
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        p, (y0, x0) = grid.pixel_size_m * 1e6, np.asarray(grid.origin_m) * 1e6
+        extent = np.array(
+            [x0 + (cols[0] - 0.5) * p, x0 + (cols[-1] + 0.5) * p, y0 + (rows[-1] + 0.5) * p, y0 + (rows[0] - 0.5) * p]
+        )
+    amp_range = [np.percentile(np.concatenate([a[box].ravel() for _, a, _ in panels]), q) for q in (1, 99)]
+    phase_range = [np.percentile(np.concatenate([ph[box].ravel() for _, _, ph in panels]), q) for q in (1, 99)]
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.6), squeeze=False)
+    for col, (label, amplitude, phase) in enumerate(panels):
+        for row, (name, image, (lo, hi), cmap) in enumerate(
+            (("amplitude", amplitude, amp_range, "gray"), ("phase (rad)", phase, phase_range, "viridis"))
+        ):
+            ax = axes[row, col]
+            im = ax.imshow(image[box], extent=tuple(extent), vmin=lo, vmax=hi, cmap=cmap)
+            ax.set_title(f"{label}: {name}", fontsize=10)
+            ax.set_xlabel("x (µm)")
+            ax.set_ylabel("y (µm)")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

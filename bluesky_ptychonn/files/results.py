@@ -1,0 +1,36 @@
+"""Reconstruction results as HDF5 files (the Tiled sink writes the same arrays and metadata)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+
+from ..core.geometry import ObjectGrid
+from ..core.stitching import StitchedImage
+
+
+def write_result(path: str | Path, image: StitchedImage, metadata: dict) -> Path:
+    """Write amplitude, phase and weight with the grid and ``metadata`` (JSON) as attributes."""
+    path = Path(path)
+    with h5py.File(path, "w") as f:
+        for name in ("amplitude", "phase", "weight"):
+            f.create_dataset(name, data=getattr(image, name), compression="lzf")
+        f.attrs["grid"] = json.dumps(image.grid.as_metadata())
+        f.attrs["frames"] = image.frames
+        f.attrs["metadata"] = json.dumps(metadata, default=str)
+    return path
+
+
+def read_result(path: str | Path) -> tuple[StitchedImage, dict]:
+    """Inverse of :func:`write_result`."""
+    with h5py.File(path, "r") as f:
+        image = StitchedImage(
+            amplitude=f["amplitude"][()],
+            phase=f["phase"][()],
+            weight=f["weight"][()],
+            grid=ObjectGrid.from_metadata(json.loads(f.attrs["grid"])),
+            frames=int(f.attrs["frames"]),
+        )
+        return image, json.loads(f.attrs["metadata"])

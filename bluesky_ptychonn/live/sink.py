@@ -1,0 +1,110 @@
+"""The Tiled sink: one run's result at ``processed/<raw uid>/<name>`` on a Tiled server.
+
+``amplitude``, ``phase`` and ``weight`` are 2-D float32 arrays with dims (y, x). They are
+written from the first row to the last covered row and then grown and patched: each publish
+sends only the band of rows whose weight changed, extending the arrays when the scan has moved
+on to new rows, so a reader polling Tiled sees the image grow while the scan runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from ..core.stitching import StitchedImage
+
+logger = logging.getLogger(__name__)
+
+ARRAYS = ("amplitude", "phase", "weight")
+
+
+def _jsonable(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Round-trip through JSON so numpy scalars and tuples become plain types Tiled accepts."""
+    return json.loads(json.dumps(metadata, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+class TiledSink:
+    """Writes snapshots of one run's reconstruction to a Tiled container.
+
+    Parameters
+    ----------
+    client : tiled.client.container.Container
+        The server's root (a client made with an API key that may write).
+    raw_uid : str
+        The raw run's uid: the result lives at ``processed/<raw_uid>/<name>``.
+    name : str
+        ``"ptychonn"`` for live and replayed results.
+    replace : bool
+        Delete an existing result of the same name first (replay); otherwise it is an error
+        to find one with different arrays.
+    """
+
+    def __init__(self, client: Any, raw_uid: str, name: str = "ptychonn", *, replace: bool = False) -> None:
+        self.client = client
+        self.raw_uid = raw_uid
+        self.name = name
+        self.replace = replace
+        self._node: Any = None
+        self._rows = 0  # rows now in Tiled
+        self._sent_weight: np.ndarray | None = None  # weight as last written, to find changed rows
+
+    @property
+    def path(self) -> str:
+        """Path of the result on the server."""
+        return f"processed/{self.raw_uid}/{self.name}"
+
+    def _container(self, metadata: dict[str, Any]) -> Any:
+        if self._node is not None:
+            return self._node
+        processed = (
+            self.client["processed"] if "processed" in self.client else self.client.create_container("processed")
+        )
+        run = (
+            processed[self.raw_uid]
+            if self.raw_uid in processed
+            else processed.create_container(self.raw_uid, metadata={"raw_uid": self.raw_uid})
+        )
+        if self.name in run and self.replace:
+            run[self.name].delete(recursive=True, external_only=False)
+        if self.name in run:
+            node = run[self.name]
+            self._rows = node["amplitude"].shape[0] if "amplitude" in node else 0
+        else:
+            # Created as running: readers go by status, and the arrays are not there yet.
+            node = run.create_container(self.name, metadata={**metadata, "status": "running"})
+            self._rows = 0
+        self._node = node
+        return node
+
+    def publish(self, image: StitchedImage, metadata: dict[str, Any]) -> None:
+        """Write what changed since the last successful publish, then the metadata."""
+        metadata = _jsonable(metadata)
+        node = self._container(metadata)
+        final = metadata.get("status") != "running"
+        covered_rows = np.flatnonzero(image.weight.any(axis=1))
+        rows = image.weight.shape[0] if final or not len(covered_rows) else int(covered_rows[-1]) + 1
+        if self._sent_weight is None or self._rows == 0:
+            first = 0
+        else:
+            changed = np.flatnonzero((image.weight != self._sent_weight).any(axis=1))
+            first = min(int(changed[0]) if len(changed) else rows, self._rows)
+        if self._rows == 0:
+            for key in ARRAYS:
+                if key in node:  # left by a publish that failed half way
+                    node[key].delete(external_only=False)
+                node.write_array(np.ascontiguousarray(getattr(image, key)[:rows]), key=key, dims=("y", "x"))
+        elif first < rows:
+            for key in ARRAYS:
+                block = np.ascontiguousarray(getattr(image, key)[first:rows])
+                node[key].patch(block, offset=(first, 0), extend=rows > self._rows)
+        self._rows = max(self._rows, rows)
+        self._sent_weight = image.weight.copy()
+        node.update_metadata(metadata)
+
+    def record_failure(self, metadata: dict[str, Any]) -> None:
+        """A result that never got an image (the run and the model do not fit): metadata only."""
+        metadata = _jsonable(metadata)
+        self._container(metadata).update_metadata(metadata)
