@@ -43,7 +43,8 @@ def run(quick: bool = False, frames: int = 10_000, frame_pixels: int = 64) -> di
 
     from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
     from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
-    from bluesky_ptychonn.archive.truth import start_embedded_server, store_simulation_truth
+    from bluesky_ptychonn.archive.servers import start_embedded_server
+    from bluesky_ptychonn.archive.truth import store_simulation_truth
     from bluesky_ptychonn.core.config import DetectorGeometry
     from bluesky_ptychonn.sim.sample import DetectorSettings, FlyScan, FlyTrajectory, SimulatedSample, default_registry
 

@@ -43,7 +43,7 @@ def run(quick: bool = False) -> dict:
 
     from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
     from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
-    from bluesky_ptychonn.archive.truth import start_embedded_server, subscribe_archive
+    from bluesky_ptychonn.archive.servers import start_embedded_server, subscribe_archive
     from bluesky_ptychonn.core.engine import LiveOptions
     from bluesky_ptychonn.live.callback import CallbackConfig, PtychoNNCallback
     from bluesky_ptychonn.sim.sample import default_registry

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
     from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
-    from bluesky_ptychonn.archive.truth import read_simulation_truth, start_embedded_server, subscribe_archive
+    from bluesky_ptychonn.archive.servers import start_embedded_server, subscribe_archive
+    from bluesky_ptychonn.archive.truth import read_simulation_truth
     from bluesky_ptychonn.core.geometry import ObjectGrid
     from bluesky_ptychonn.core.metrics import compare
     from bluesky_ptychonn.files.figures import save_figure

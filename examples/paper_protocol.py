@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
     from bluesky_ptychonn.archive.labels import iterative_run
     from bluesky_ptychonn.archive.runs import scan_from_run
+    from bluesky_ptychonn.archive.servers import start_embedded_server, subscribe_archive
     from bluesky_ptychonn.archive.training import train_from_runs
-    from bluesky_ptychonn.archive.truth import read_simulation_truth, start_embedded_server, subscribe_archive
+    from bluesky_ptychonn.archive.truth import read_simulation_truth
     from bluesky_ptychonn.core.config import NetworkConfig, TrainConfig
     from bluesky_ptychonn.core.geometry import ObjectGrid
     from bluesky_ptychonn.core.inference import Predictor

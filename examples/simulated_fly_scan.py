@@ -20,7 +20,7 @@ from bluesky import RunEngine
 
 from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
-from bluesky_ptychonn.archive.truth import connect, start_embedded_server, subscribe_archive, tiled_run_uri
+from bluesky_ptychonn.archive.servers import connect, start_embedded_server, subscribe_archive, tiled_run_uri
 from bluesky_ptychonn.core.config import DetectorGeometry
 from bluesky_ptychonn.sim.sample import DetectorSettings, SimulatedSample, default_registry
 

@@ -31,7 +31,7 @@ def tiled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServ
 
     ``data_dir`` is its readable storage: detectors must write their files below it.
     """
-    from bluesky_ptychonn.archive.truth import start_embedded_server
+    from bluesky_ptychonn.archive.servers import start_embedded_server
 
     root = tmp_path_factory.mktemp("tiled")
     archive = start_embedded_server(root / "detector", directory=root / "server")

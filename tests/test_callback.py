@@ -13,8 +13,10 @@ from bluesky.utils import RunEngineInterrupted
 from ophyd.sim import det
 from tiled_servers import free_port, start_server
 
+from bluesky_ptychonn import schema
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
-from bluesky_ptychonn.archive.truth import read_simulation_truth, subscribe_archive
+from bluesky_ptychonn.archive.servers import subscribe_archive
+from bluesky_ptychonn.archive.truth import read_simulation_truth
 from bluesky_ptychonn.core.checkpoint import CheckpointInfo, save_checkpoint
 from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe
 from bluesky_ptychonn.core.engine import LiveOptions
@@ -207,6 +209,7 @@ def test_inline_frames_and_malformed_documents(checkpoint):
     )
     step = scan.metadata["scan"]["step_m"]
     section = {
+        "version": schema.VERSION,
         **DetectorGeometry(frame_pixels=32).model_dump(),
         "scan": {"shape": [4, 4], "step_m": step, "center_m": [0, 0]},
     }

@@ -15,11 +15,13 @@ from bluesky.utils import RunEngineInterrupted
 from event_model import DocumentNames, schema_validators
 from tiled.queries import Key
 
-from bluesky_ptychonn.acquisition.plans import geometry_from_start, nominal_positions_from_start, ptycho_fly_scan
-from bluesky_ptychonn.archive.servers import API_KEY_ENV, FacilityServer, add_serve_command
-from bluesky_ptychonn.archive.truth import read_simulation_truth, subscribe_archive
+from bluesky_ptychonn import schema
+from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+from bluesky_ptychonn.archive.servers import API_KEY_ENV, FacilityServer, add_serve_command, subscribe_archive
+from bluesky_ptychonn.archive.truth import read_simulation_truth
 from bluesky_ptychonn.errors import ConfigurationError, PositionError
-from bluesky_ptychonn.files.scanfile import TRUTH_NOTE, read_scan
+from bluesky_ptychonn.files.scanfile import read_scan
+from bluesky_ptychonn.sim.physics import TRUTH_NOTE
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_M = 2e-7
@@ -67,7 +69,7 @@ def test_fly_scan_round_trip_through_tiled(tiled_server, archived, small_sample)
     section = start["ptychography"]
     assert stop["exit_status"] == "success" and stop["num_events"] == {"primary": 48}
     assert start["sample"] == small_sample.sample_id and start["operator"] == "test"
-    assert geometry_from_start(start) == detector.settings.geometry
+    assert schema.geometry(schema.read_section(start)) == detector.settings.geometry
     assert section["frame_shape"] == [32, 32] and section["probe"] == {"kind": "zone_plate"}
     assert section["scan"]["kind"] == "snake" and section["scan"]["shape"] == [6, 8]
     assert section["scan"]["step_m"] == STEP_M and section["scan"]["center_m"] == [1e-7, -3e-7]
@@ -82,11 +84,11 @@ def test_fly_scan_round_trip_through_tiled(tiled_server, archived, small_sample)
         np.testing.assert_array_equal(positions, f["entry/data/positions_m"][()])
     np.testing.assert_array_equal(stream["frame_id"].read(), np.arange(48))
     noise = section["encoder_noise_m"]
-    assert np.abs(positions - nominal_positions_from_start(start)).max() < 6 * noise
+    assert np.abs(positions - schema.nominal_positions(schema.read_section(start))).max() < 6 * noise
 
     truth, grid = read_simulation_truth(run)
     assert grid.shape == truth.shape and grid.as_metadata() == section["region_grid"]
-    _, (rows, cols) = small_sample.region(nominal_positions_from_start(start), 32)
+    _, (rows, cols) = small_sample.region(schema.nominal_positions(schema.read_section(start)), 32)
     np.testing.assert_allclose(truth, small_sample.object[rows, cols], atol=1e-5)
     node = tiled_server.client[section["simulation_truth"]["tiled_path"]]
     assert node.metadata["note"] == TRUTH_NOTE and node["amplitude"].metadata["note"] == TRUTH_NOTE

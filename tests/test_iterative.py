@@ -10,14 +10,10 @@ import numpy as np
 import pytest
 
 from bluesky_ptychonn.core.config import DetectorGeometry
-from bluesky_ptychonn.core.geometry import ObjectGrid
-from bluesky_ptychonn.core.iterative import (
-    GRID_MARGIN_PIXELS,
-    IterativeOptions,
-    epie_step_size,
-    reconstruct_iterative,
-)
+from bluesky_ptychonn.core.geometry import GRID_MARGIN_PIXELS, ObjectGrid
+from bluesky_ptychonn.core.iterative import IterativeOptions, epie_step_size
 from bluesky_ptychonn.core.metrics import compare
+from bluesky_ptychonn.core.ptychi_engine import reconstruct_iterative
 from bluesky_ptychonn.errors import ConfigurationError, FrameError, PositionError
 from bluesky_ptychonn.sim.physics import simulate_scan
 

@@ -16,8 +16,9 @@ from ophyd.sim import det
 from tiled.queries import Key
 
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
-from bluesky_ptychonn.archive.replay import replay_run, replay_runs, select, selection, where
-from bluesky_ptychonn.archive.truth import subscribe_archive
+from bluesky_ptychonn.archive.replay import replay_run, replay_runs
+from bluesky_ptychonn.archive.runs import select, selection, where
+from bluesky_ptychonn.archive.servers import subscribe_archive
 from bluesky_ptychonn.cli import main
 from bluesky_ptychonn.core.engine import LiveOptions
 from bluesky_ptychonn.core.inference import Predictor

@@ -20,7 +20,7 @@ from tiled_servers import free_port
 from tiny_models import write_tiny_checkpoint
 
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
-from bluesky_ptychonn.archive.truth import subscribe_archive
+from bluesky_ptychonn.archive.servers import subscribe_archive
 from bluesky_ptychonn.core.geometry import ObjectGrid
 from bluesky_ptychonn.core.inference import Predictor
 from bluesky_ptychonn.core.reconstruct import reconstruct

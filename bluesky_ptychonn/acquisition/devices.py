@@ -35,11 +35,10 @@ from ophyd.status import StatusBase
 from ophyd.utils import LimitError
 
 from ..errors import ConfigurationError
+from ..schema import FRAME_ID_KEY, FRAMES_KEY, POSITIONS_KEY
 from ..sim.physics import diffraction_patterns
 from ..sim.sample import DetectorSettings, FlyScan, SampleRegistry, default_registry
 
-#: Data keys of the detector stream; the start document repeats them under ``ptychography.data_keys``.
-FRAMES_KEY, POSITIONS_KEY, FRAME_ID_KEY = "diffraction", "positions_m", "frame_id"
 #: HDF5 datasets, the layout of :mod:`bluesky_ptychonn.files.scanfile`, so ``read_scan`` opens a detector file.
 DATASETS = {
     FRAMES_KEY: "/entry/data/data",

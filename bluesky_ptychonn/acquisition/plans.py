@@ -1,12 +1,12 @@
-"""The ptychography fly-scan plan and the start-document section that makes a run self-describing.
+"""The ptychography fly-scan plan.
 
 :func:`ptycho_fly_scan` checks everything it can before it returns a generator, so a bad step,
 exposure, photon count, sample or a trajectory outside the motor limits raises at once, before
 any message reaches the RunEngine: nothing moves and no run is opened.
 
-The start document carries a ``ptychography`` section (schema in :func:`ptychography_metadata`)
-with everything needed to reconstruct from the run alone; :func:`ptychography_section` and
-:func:`geometry_from_start` read it back.
+The start document carries a ``ptychography`` section written by
+:func:`bluesky_ptychonn.schema.ptychography_metadata`, with everything needed to reconstruct from
+the run alone; :mod:`bluesky_ptychonn.schema` reads it back.
 """
 
 from __future__ import annotations
@@ -18,17 +18,12 @@ from typing import Any
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
-import numpy as np
 from bluesky.utils import Msg
 
-from ..core.config import DetectorGeometry
-from ..errors import ConfigurationError, RunError
-from ..files.scanfile import TRUTH_NOTE
-from ..sim.sample import TRUTH_CONTAINER, FlyScan, FlyTrajectory
-from .devices import DATASETS, FRAME_ID_KEY, FRAMES_KEY, POSITIONS_KEY, PtychoDetector, SimStage
-
-#: Version of the start document's ``ptychography`` section.
-METADATA_VERSION = 1
+from .. import schema
+from ..errors import ConfigurationError
+from ..sim.sample import FlyScan, FlyTrajectory
+from .devices import DATASETS, PtychoDetector, SimStage
 
 
 def ptycho_fly_scan(
@@ -43,7 +38,7 @@ def ptycho_fly_scan(
     photons_per_frame: float | None = None,
     sample_id: str | None = None,
     flush_period_s: float = 0.2,
-    stream_name: str = "primary",
+    stream_name: str = schema.STREAM_NAME,
     md: Mapping[str, Any] | None = None,
 ) -> Generator[Msg, Any, str]:
     """Fly a raster or snake over a region of the sample; one run, frames in one stream.
@@ -89,8 +84,8 @@ def ptycho_fly_scan(
     if not flush_period_s > 0:
         raise ConfigurationError(f"flush period must be positive, got {flush_period_s!r} s")
     md = dict(md or {})
-    if "ptychography" in md:
-        raise ConfigurationError("md may not set 'ptychography': the plan writes that section")
+    if schema.SECTION in md:
+        raise ConfigurationError(f"md may not set {schema.SECTION!r}: the plan writes that section")
     sample = detector.registry.get(sample_id) if sample_id is not None else detector.sample
     changes = {k: v for k, v in (("exposure_s", exposure_s), ("photons_per_frame", photons_per_frame)) if v is not None}
     settings = detector.settings.updated(**changes)
@@ -123,7 +118,7 @@ def ptycho_fly_scan(
         },
         "sample": sample.sample_id,
         **md,
-        "ptychography": ptychography_metadata(scan, stream_name),
+        schema.SECTION: schema.ptychography_metadata(scan, DATASETS, stream_name),
     }
     return _fly(detector, stage, scan, start_md, flush_period_s, stream_name)
 
@@ -178,81 +173,3 @@ def _fly(
     yield from bpp.finalize_wrapper(body(uid), cleanup)
     yield from bps.close_run()
     return uid
-
-
-def ptychography_metadata(scan: FlyScan, stream_name: str = "primary") -> dict:
-    """The start document's ``ptychography`` section for a simulated fly scan.
-
-    Keys: ``version``, ``simulated``, ``sample_id``, ``energy_ev``, ``distance_m``,
-    ``detector_pixel_m``, ``frame_pixels``, ``frame_shape``, ``pixel_size_m`` (real space),
-    ``detector_orientation``, ``zero_frequency``, ``probe`` (for ``simulate.make_probe``),
-    ``photons_per_frame``, ``exposure_s``, ``readout_s``, ``period_s``, ``encoder_noise_m``,
-    ``blur_samples``, ``noise_seed``, ``scan`` (trajectory), ``positions`` (convention),
-    ``stream_name``, ``data_keys``, ``datasets`` (HDF5 paths), ``region_grid`` (sample-aligned
-    grid covering the scan) and ``simulation_truth`` (where the ground truth is kept).
-    """
-    settings, geometry, sample = scan.settings, scan.settings.geometry, scan.sample
-    n = geometry.frame_pixels
-    region, _ = sample.region(scan.trajectory.positions_m(), n)
-    return {
-        "version": METADATA_VERSION,
-        "simulated": True,
-        "sample_id": sample.sample_id,
-        **geometry.model_dump(),
-        "frame_shape": [n, n],
-        "pixel_size_m": geometry.pixel_size_m(),
-        "detector_orientation": {"transpose": False, "flip_rows": False, "flip_cols": False},
-        "zero_frequency": "frame centre, pixel (n // 2, n // 2)",
-        "probe": dict(settings.probe),
-        "photons_per_frame": settings.photons_per_frame,
-        "exposure_s": settings.exposure_s,
-        "readout_s": settings.readout_s,
-        "period_s": settings.period_s,
-        "encoder_noise_m": settings.encoder_noise_m,
-        "blur_samples": settings.blur_samples,
-        "noise_seed": settings.seed,
-        "scan": scan.trajectory.as_metadata(),
-        "positions": {"order": "yx", "units": "m", "meaning": "probe centre in sample coordinates (stage encoders)"},
-        "stream_name": stream_name,
-        "data_keys": {"frames": FRAMES_KEY, "positions": POSITIONS_KEY, "frame_id": FRAME_ID_KEY},
-        "datasets": dict(DATASETS),
-        "region_grid": region.as_metadata(),
-        "simulation_truth": {
-            "tiled_path": f"{TRUTH_CONTAINER}/{sample.sample_id}",
-            "note": TRUTH_NOTE,
-            "sample": sample.as_metadata(),
-        },
-    }
-
-
-def ptychography_section(start: Mapping[str, Any]) -> dict:
-    """The ``ptychography`` section of a start document; :class:`RunError` if the run is not one of ours."""
-    section = start.get("ptychography")
-    if not isinstance(section, Mapping):
-        raise RunError(f"run {start.get('uid', '?')} has no 'ptychography' section in its start document")
-    if section.get("version") != METADATA_VERSION:
-        raise RunError(
-            f"run {start.get('uid', '?')}: ptychography metadata version {section.get('version')!r} "
-            f"is not {METADATA_VERSION}"
-        )
-    return dict(section)
-
-
-def geometry_from_start(start: Mapping[str, Any]) -> DetectorGeometry:
-    """The :class:`DetectorGeometry` recorded in a start document."""
-    section = ptychography_section(start)
-    return DetectorGeometry(**{key: section[key] for key in DetectorGeometry.model_fields})
-
-
-def nominal_positions_from_start(start: Mapping[str, Any]) -> np.ndarray:
-    """The trajectory's nominal positions (N, 2) (y, x) in metres, rebuilt from the start document."""
-    scan = ptychography_section(start)["scan"]
-    trajectory = FlyTrajectory(
-        kind=scan["kind"],
-        shape=tuple(scan["shape"]),
-        step_m=scan["step_m"],
-        center_m=tuple(scan["center_m"]),
-        period_s=scan["period_s"],
-        exposure_s=scan["exposure_s"],
-    )
-    return trajectory.positions_m()

@@ -56,7 +56,8 @@ def iterative_run(
     from importlib.metadata import PackageNotFoundError, version
 
     from .. import __version__
-    from ..core.iterative import IterativeOptions, reconstruct_iterative
+    from ..core.iterative import IterativeOptions
+    from ..core.ptychi_engine import reconstruct_iterative
     from .replay import root_of
     from .runs import run_grid_for, scan_from_run
 

@@ -17,15 +17,13 @@ or the query.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from collections.abc import Iterable, Sequence
-from datetime import datetime
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigurationError, RunError
+from ..errors import RunError
 
 if TYPE_CHECKING:
     from ..core.engine import LiveOptions
@@ -33,127 +31,6 @@ if TYPE_CHECKING:
 
 #: Where the command line looks for the Tiled API key unless told otherwise.
 API_KEY_ENV = "TILED_API_KEY"
-
-
-# ----------------------------------------------------------------------------------------------
-# Selecting runs
-
-
-def where(condition: str) -> Any:
-    """A ``KEY=VALUE`` condition on the start document as a Tiled query.
-
-    A bare key is looked up in the run's ``ptychography`` section (``sample_id=sim-0`` means
-    ``start.ptychography.sample_id == "sim-0"``); a dotted key is a path in the start document
-    (``start.operator=alice``, ``plan_args.exposure_s=0.001``). VALUE is read as JSON when it is a
-    number, ``true``, ``false`` or a quoted string, else taken as text.
-    """
-    from tiled.queries import Key
-
-    key, sep, text = condition.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigurationError(f"a condition is KEY=VALUE, got {condition!r}")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    if not isinstance(value, str | int | float | bool):  # a list or object is not a value to compare with
-        value = text
-    return Key(key if "." in key else f"ptychography.{key}") == value
-
-
-def selection(
-    uids: Sequence[str] = (),
-    conditions: Sequence[str] = (),
-    *,
-    since: str | None = None,
-    until: str | None = None,
-    plan_name: str | None = None,
-) -> list[Any]:
-    """Items for :func:`select`: each uid, plus one group of queries that must all hold.
-
-    ``since`` and ``until`` are ISO 8601 times (local time when no zone is given); ``until`` is exclusive.
-    """
-    queries = [where(c) for c in conditions]
-    if plan_name:
-        from tiled.queries import Key
-
-        queries.append(Key("plan_name") == plan_name)
-    if since or until:
-        from databroker.queries import TimeRange
-
-        try:
-            stamps = [datetime.fromisoformat(t).timestamp() if t else None for t in (since, until)]
-            queries.append(TimeRange(since=stamps[0], until=stamps[1]))
-        except ValueError as err:
-            raise ConfigurationError(f"--since/--until must be ISO 8601 times in order: {err}") from err
-    items: list[Any] = list(uids)
-    if queries:
-        items.append(tuple(queries))
-    if not items:
-        raise ConfigurationError("name runs by uid or select them with KEY=VALUE, --since, --until or --plan-name")
-    return items
-
-
-def select(catalog: Any, uids_or_queries: Iterable[Any]) -> list[Any]:
-    """Runs of a databroker ``CatalogOfBlueskyRuns`` named by uid or selected by queries, without repeats.
-
-    Parameters
-    ----------
-    catalog : databroker.client.CatalogOfBlueskyRuns
-        The ``raw`` catalog (``tiled.client.from_uri(...)["raw"]``).
-    uids_or_queries : iterable
-        Each item a uid (full or at least 5 leading characters), a Tiled query, or a tuple of
-        queries that must all hold (e.g. from :func:`selection`).
-
-    Raises
-    ------
-    RunError
-        A uid that names no run (or several), a query that selects nothing.
-    ConfigurationError
-        ``catalog`` is not a catalog of Bluesky runs.
-    """
-    from databroker.client import CatalogOfBlueskyRuns
-
-    from .runs import select_runs
-
-    if not isinstance(catalog, CatalogOfBlueskyRuns):
-        raise ConfigurationError(f"expected a databroker CatalogOfBlueskyRuns (the 'raw' container), got {catalog!r}")
-    runs: dict[str, Any] = {}
-    for item in uids_or_queries:
-        if isinstance(item, tuple | list):
-            found = catalog
-            for query in item:  # chained searches: every condition must hold
-                found = found.search(query)
-            if len(found) == 0:
-                raise RunError(f"the selection {list(item)!r} matches no run in the catalog")
-            chosen = list(found.values())
-        else:
-            try:
-                chosen = select_runs(catalog, [item])
-            except ValueError as err:  # a partial uid too short or matching several runs
-                raise RunError(f"{item!r} does not name one run: {err}") from err
-        runs.update((run.metadata["start"]["uid"], run) for run in chosen)
-    return list(runs.values())
-
-
-def check_ptychography(runs: Iterable[Any]) -> None:
-    """Raise :class:`RunError` naming the first run that is not a ptychography run (cheap: metadata only)."""
-    from ..acquisition.plans import ptychography_section
-
-    for run in runs:
-        start = run.metadata["start"]
-        try:
-            ptychography_section(start)
-        except RunError as err:
-            raise RunError(f"{err} (plan {start.get('plan_name')!r}): not a ptychography run") from err
-
-
-def root_of(run_or_catalog: Any) -> Any:
-    """The server's root container reached from a run's (or catalog's) own connection."""
-    from tiled.client import from_context
-
-    return from_context(run_or_catalog.context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +172,7 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
 
 def runs_from_args(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     """Connect as the arguments say; return (root client, raw catalog, selection items for :func:`select`)."""
-    from .truth import connect
+    from .servers import connect
 
     uids = [r for r in args.runs if "=" not in r] + list(args.uids)
     conditions = [r for r in args.runs if "=" in r] + list(args.where)

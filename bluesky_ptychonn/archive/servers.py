@@ -1,19 +1,18 @@
-"""``bluesky-ptychonn serve``: a persistent Tiled server for a facility, with the ``raw`` catalog.
+"""Tiled servers: the embedded one (demo, tests) and the facility one (``bluesky-ptychonn serve``).
 
-It runs ``tiled serve catalog`` as a child process (SQLite catalog by default, a PostgreSQL URI
-accepted), with writable file and tabular storage, the detector data folders as readable
-storage, bound to the loopback interface unless told otherwise, and a required API key. The key
-travels to the child in ``TILED_SINGLE_USER_API_KEY`` (never on its command line, where ``ps``
-would show it), and the child's output is passed on with the key masked (tiled prints it when it
-comes from the environment). Once the server answers, the ``raw`` container
-(``CatalogOfBlueskyRuns`` 3.0) is created if missing.
-
-Register the command with ``add_serve_command(subparsers)``.
+:func:`start_embedded_server` is Tiled's in-process ``SimpleTiledServer`` with the detector data
+folder as readable storage. :class:`FacilityServer` runs ``tiled serve catalog`` as a child
+process (SQLite catalog by default, a PostgreSQL URI accepted), with writable file and tabular
+storage, the detector data folders as readable storage, bound to the loopback interface unless
+told otherwise, and a required API key. The key travels to the child in
+``TILED_SINGLE_USER_API_KEY`` (never on its command line, where ``ps`` would show it), and the
+child's output is passed on with the key masked (tiled prints it when it comes from the
+environment). Either way the ``raw`` container (``CatalogOfBlueskyRuns`` 3.0) is created if
+missing, and :func:`subscribe_archive` has a RunEngine archive every run into it.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import subprocess
@@ -23,14 +22,102 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import ConfigurationError
+from ..sim.sample import SampleRegistry
+from ..tiled_paths import RAW, child_container
+from .truth import SimulationTruthWriter
+
+if TYPE_CHECKING:
+    from bluesky import RunEngine
+    from tiled.client.container import Container
+    from tiled.server import SimpleTiledServer
 
 logger = logging.getLogger(__name__)
 
 #: Environment variable that tiled reads the single-user API key from.
 API_KEY_ENV = "TILED_SINGLE_USER_API_KEY"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class EmbeddedArchive(NamedTuple):
+    """An in-process Tiled server and what a scan needs from it; ``close()`` stops the server."""
+
+    server: SimpleTiledServer
+    client: Container
+    raw: Container
+    data_dir: Path
+
+    def close(self) -> None:
+        """Stop the server (its directory stays when one was given)."""
+        self.server.close()
+
+
+def start_embedded_server(
+    data_dir: str | Path, *, directory: str | Path | None = None, api_key: str | None = None
+) -> EmbeddedArchive:
+    """Start ``tiled.server.SimpleTiledServer`` in this process and make sure ``raw`` exists.
+
+    Parameters
+    ----------
+    data_dir : path
+        The detector's data folder; served as readable storage, so runs' HDF5 files can be read.
+    directory : path, optional
+        Catalog, storage and logs; a temporary folder (removed at close) when omitted.
+    api_key : str, optional
+        Key of the server; a random one when omitted (the URI carries it). Tiled keeps one
+        settings object per process, so servers started in one process must share one key: the
+        last one started sets the key of all of them.
+    """
+    from tiled.client import from_uri
+    from tiled.server import SimpleTiledServer
+
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = SimpleTiledServer(directory=directory, api_key=api_key, readable_storage=[data_dir])
+    try:
+        client = from_uri(server.uri)
+        raw = ensure_raw_catalog(client)
+    except BaseException:
+        server.close()
+        raise
+    return EmbeddedArchive(server=server, client=client, raw=raw, data_dir=data_dir)
+
+
+def connect(uri: str, api_key: str | None = None) -> tuple[Container, Container]:
+    """Connect to a Tiled server; return the root client and the ``raw`` catalog (created if missing)."""
+    from tiled.client import from_uri
+
+    client = from_uri(uri, api_key=api_key)
+    return client, ensure_raw_catalog(client)
+
+
+def ensure_raw_catalog(client: Container) -> Container:
+    """The ``raw`` container with spec ``CatalogOfBlueskyRuns`` 3.0, created if missing."""
+    from tiled.structures.core import Spec
+
+    raw = child_container(client, RAW, specs=[Spec("CatalogOfBlueskyRuns", version="3.0")])
+    specs = [(s.name, s.version) for s in raw.specs]
+    if ("CatalogOfBlueskyRuns", "3.0") not in specs:
+        raise ConfigurationError(f"'{RAW}' exists with specs {specs}, not CatalogOfBlueskyRuns 3.0")
+    return raw
+
+
+def subscribe_archive(
+    run_engine: RunEngine, client: Container, *, registry: SampleRegistry | None = None, batch_size: int = 1
+) -> list[int]:
+    """Archive every run the RunEngine makes: ``TiledWriter`` into ``raw``, plus simulation truths.
+
+    ``batch_size=1`` registers frames with Tiled at every flush, so a run can be watched while it
+    goes. Both callbacks raise on a Tiled failure, which aborts the run: a run that cannot be
+    archived is not silently lost. Returns the subscription tokens.
+    """
+    from bluesky_tiled_plugins import TiledWriter
+
+    raw = ensure_raw_catalog(client)
+    truth = SimulationTruthWriter(client, registry=registry)
+    return [run_engine.subscribe(truth, "start"), run_engine.subscribe(TiledWriter(raw, batch_size=batch_size))]
 
 
 @dataclass
@@ -115,7 +202,6 @@ class FacilityServer:
         """Start the child, wait until it answers, make sure ``raw`` exists; return the child."""
         import httpx
 
-        from .truth import connect
 
         (self.directory / "data").mkdir(parents=True, exist_ok=True)
         for path in self.readable:
@@ -170,45 +256,13 @@ def _forward_masked(process: subprocess.Popen, secret: str) -> None:
     sys.stderr.flush()
 
 
-def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``serve`` on the ``bluesky-ptychonn`` command line; returns its parser."""
-    p = subparsers.add_parser("serve", help="run a persistent Tiled server with the 'raw' catalog of Bluesky runs")
-    p.add_argument("directory", type=Path, help="folder for the catalog, array data and tables")
-    p.add_argument(
-        "-r",
-        "--detector-data",
-        type=Path,
-        action="append",
-        default=[],
-        help="detector data folder the server may read (repeat for several)",
-    )
-    p.add_argument("--catalog", default=None, help="catalog database URI (default: SQLite in DIRECTORY)")
-    p.add_argument("--tables", default=None, help="tabular storage URI (default: DuckDB in DIRECTORY)")
-    p.add_argument("--api-key", default=None, help=f"API key for writes (default: ${API_KEY_ENV})")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--public", action="store_true", help="allow anonymous reads (writes still need the key)")
-    p.set_defaults(func=serve)
-    return p
+def _forward_masked(process: subprocess.Popen, secret: str) -> None:
+    """Copy the child's output to our stderr, line by line, with the API key replaced."""
+    for line in process.stdout or ():
+        sys.stderr.write(line.replace(secret, "<api-key>"))
+    sys.stderr.flush()
 
 
-def serve(args: argparse.Namespace) -> dict:
-    """Run the server until it exits or is interrupted; returns a summary."""
-    server = FacilityServer(
-        directory=args.directory,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV, ""),
-        readable=list(args.detector_data),
-        catalog=args.catalog,
-        tables=args.tables,
-        host=args.host,
-        port=args.port,
-        public=args.public,
-    )
-    process = server.start()
-    print(f"bluesky-ptychonn serve: Tiled at {server.uri} with catalog 'raw'; Ctrl-C stops it", flush=True)
-    code: int | None
-    try:
-        code = process.wait()
-    except KeyboardInterrupt:
-        code = server.stop()
-    return {"uri": server.uri, "directory": str(server.directory), "exit_code": code}
+def tiled_run_uri(client: Container, uid: str) -> str:
+    """The HTTP address of a raw run (without any API key)."""
+    return f"{client.context.api_uri}metadata/{RAW}/{uid}"

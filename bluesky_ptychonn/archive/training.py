@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import schema
 from ..errors import ConfigurationError, RunError
 
 if TYPE_CHECKING:
@@ -72,9 +73,8 @@ def training_set_from_runs(
     ConfigurationError
         ``recipe`` does not fit the runs.
     """
-    from ..core.reconstruct import split_lines
+    from ..core.geometry import split_lines
     from ..core.training import TrainingSet
-    from ..live.callback import run_geometry
     from .labels import check_labels_available, label_patches
     from .replay import check_ptychography, root_of, select
     from .runs import scan_from_run
@@ -94,7 +94,7 @@ def training_set_from_runs(
     for run in runs:
         start = run.metadata["start"]
         uid, section = start["uid"], start["ptychography"]
-        this = run_geometry(section)
+        this = schema.geometry(section)
         if geometry is None:
             first_uid, geometry = uid, this
         elif this.frame_pixels != geometry.frame_pixels or not np.isclose(

@@ -146,9 +146,9 @@ def _reconstruct(args: argparse.Namespace) -> dict:
 
     import numpy as np
 
-    from ..core.geometry import ObjectGrid
+    from ..core.geometry import ObjectGrid, split_lines
     from ..core.inference import Predictor
-    from ..core.reconstruct import evaluate, reconstruct, split_lines
+    from ..core.reconstruct import evaluate, reconstruct
     from ..files.figures import save_figure
     from ..files.results import write_result
     from ..files.scanfile import read_scan

@@ -14,10 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..errors import ConfigurationError
 from .geometry import real_space_pixel_m
 
-__all__ = ["DetectorGeometry", "NetworkConfig", "PreprocessRecipe", "TrainConfig", "validated"]
+__all__ = ["DetectorGeometry", "Frozen", "NetworkConfig", "PreprocessRecipe", "TrainConfig", "validated"]
 
 
-class _Frozen(BaseModel):
+class Frozen(BaseModel):
+    """Base of every configuration model: validated once at construction, immutable, no unknown keys."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -29,7 +31,7 @@ def validated(model: type[BaseModel], data: dict) -> BaseModel:
         raise ConfigurationError(f"invalid {model.__name__}: {err}") from err
 
 
-class DetectorGeometry(_Frozen):
+class DetectorGeometry(Frozen):
     """Beam energy and detector geometry of a far-field (Fraunhofer) measurement."""
 
     energy_ev: float = Field(10_000.0, gt=0, description="Photon energy in eV.")
@@ -43,7 +45,7 @@ class DetectorGeometry(_Frozen):
         return real_space_pixel_m(self.energy_ev, self.distance_m, n // bin_factor, self.detector_pixel_m * bin_factor)
 
 
-class PreprocessRecipe(_Frozen):
+class PreprocessRecipe(Frozen):
     """How raw detector counts become network input; applied identically in training and inference.
 
     Steps, in order: orientation, central crop, binning (or area resize), threshold, transform, scale.
@@ -95,7 +97,7 @@ class PreprocessRecipe(_Frozen):
         return fov_pixel * self.binned_pixels / self.output_pixels
 
 
-class NetworkConfig(_Frozen):
+class NetworkConfig(Frozen):
     """PtychoNN encoder with two decoders (amplitude, phase).
 
     The defaults reproduce the paper: 32 base channels, three down blocks, 64x64 input.
@@ -137,7 +139,7 @@ class NetworkConfig(_Frozen):
         return getattr(cls, name)(input_pixels)
 
 
-class TrainConfig(_Frozen):
+class TrainConfig(Frozen):
     """The training recipe; defaults follow the paper's text (MAE, Adam 1e-3, halve on plateau)."""
 
     epochs: int = Field(60, ge=1, description="Maximum number of epochs.")

@@ -20,12 +20,13 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
+from pydantic import Field
 
 from ..errors import PositionError
+from .config import Frozen
 from .geometry import ObjectGrid
 from .preprocess import bad_frames
 from .stitching import PatchStitcher, StitchedImage, patch_window
@@ -40,24 +41,20 @@ class Sink(Protocol):
         """Write the image and metadata; raise on failure (the caller retries)."""
 
 
-@dataclass(frozen=True)
-class LiveOptions:
+class LiveOptions(Frozen):
     """Batching, cadence and retry policy of a live reconstruction."""
 
-    batch_size: int = 64
-    """Frames per inference micro-batch."""
-    max_wait_s: float = 0.2
-    """Longest a frame waits for its micro-batch to fill."""
-    publish_interval_s: float = 1.0
-    """Cadence of snapshots to the sink while the scan runs."""
-    retry_s: float = 1.0
-    """First delay after a failed publish; doubles up to 30 s."""
-    final_retry_s: float = 600.0
-    """How long the final image keeps being retried after the run ends."""
-    window: str = "gaussian"
-    """Stitching weight of each patch (see :func:`~bluesky_ptychonn.core.stitching.patch_window`)."""
-    saturation_counts: float | None = None
-    """Frames with any pixel at or above this are dropped as saturated; None keeps them."""
+    batch_size: int = Field(64, ge=1, description="Frames per inference micro-batch.")
+    max_wait_s: float = Field(0.2, ge=0, description="Longest a frame waits for its micro-batch to fill.")
+    publish_interval_s: float = Field(1.0, gt=0, description="Cadence of snapshots to the sink while the scan runs.")
+    retry_s: float = Field(1.0, gt=0, description="First delay after a failed publish; doubles up to 30 s.")
+    final_retry_s: float = Field(600.0, ge=0, description="How long the final image is retried after the run ends.")
+    window: Literal["gaussian", "central", "uniform"] = Field(
+        "gaussian", description="Stitching weight of each patch (see core.stitching.patch_window)."
+    )
+    saturation_counts: float | None = Field(
+        None, gt=0, description="Frames with any pixel at or above this are dropped as saturated; None keeps them."
+    )
 
 
 _STOP = object()

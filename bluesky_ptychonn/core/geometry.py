@@ -21,6 +21,10 @@ from ..errors import ConfigurationError, PositionError
 #: Planck constant times speed of light, in eV * m (CODATA 2018).
 HC_EV_M = 1.239841984e-6
 
+#: Blank pixels around the patches of a scan on every grid the package sizes: room for position
+#: jitter and encoder noise, and pty-chi warns and pads when a probe window touches the edge.
+GRID_MARGIN_PIXELS = 4
+
 
 def wavelength_m(energy_ev: float) -> float:
     """Return the X-ray wavelength in metres for a photon energy in eV."""
@@ -80,7 +84,7 @@ class ObjectGrid:
 
     @classmethod
     def covering(
-        cls, positions_m: np.ndarray, pixel_size_m: float, patch_pixels: int, margin_pixels: int = 2
+        cls, positions_m: np.ndarray, pixel_size_m: float, patch_pixels: int, margin_pixels: int = GRID_MARGIN_PIXELS
     ) -> ObjectGrid:
         """The smallest grid on which a patch of ``patch_pixels`` fits at every position, plus a margin."""
         pos = check_positions(positions_m)
@@ -170,3 +174,29 @@ def extract_patches(image: np.ndarray, corners: np.ndarray, patch_pixels: int) -
             + fy * fx * block[1:, 1:]
         )
     return out
+
+
+def scan_lines(positions_m: np.ndarray) -> np.ndarray:
+    """Line number of every position of a raster or snake scan (lines run along x, stacked in y).
+
+    Lines are told apart by gaps in sorted y larger than half the largest gap; a scan with no
+    such structure (a spiral) is treated as one line per position, in order of y.
+    """
+    order = np.argsort(positions_m[:, 0], kind="stable")
+    gaps = np.diff(positions_m[order, 0])
+    if len(gaps) == 0:
+        return np.zeros(len(positions_m), np.int64)
+    breaks = gaps > 0.5 * gaps.max()
+    lines_sorted = np.concatenate([[0], np.cumsum(breaks)])
+    if lines_sorted[-1] + 1 > len(positions_m) / 2:  # no line structure
+        lines_sorted = np.arange(len(positions_m))
+    lines = np.empty(len(positions_m), np.int64)
+    lines[order] = lines_sorted
+    return lines
+
+
+def split_lines(positions_m: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the frames on the first ``fraction`` of scan lines, and of the rest."""
+    lines = scan_lines(positions_m)
+    cut = int(round(fraction * (lines.max() + 1)))
+    return np.flatnonzero(lines < cut), np.flatnonzero(lines >= cut)

@@ -8,15 +8,9 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointInfo, load_model
+from .device import choose_device
 from .network import PtychoNN
 from .preprocess import preprocess
-
-
-def choose_device(preference: str = "auto") -> torch.device:
-    """``"auto"``: the first CUDA device when one is present, else the CPU; otherwise as named."""
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(preference)
 
 
 class Predictor:

@@ -18,32 +18,6 @@ if TYPE_CHECKING:
     from .inference import Predictor
 
 
-def scan_lines(positions_m: np.ndarray) -> np.ndarray:
-    """Line number of every position of a raster or snake scan (lines run along x, stacked in y).
-
-    Lines are told apart by gaps in sorted y larger than half the largest gap; a scan with no
-    such structure (a spiral) is treated as one line per position, in order of y.
-    """
-    order = np.argsort(positions_m[:, 0], kind="stable")
-    gaps = np.diff(positions_m[order, 0])
-    if len(gaps) == 0:
-        return np.zeros(len(positions_m), np.int64)
-    breaks = gaps > 0.5 * gaps.max()
-    lines_sorted = np.concatenate([[0], np.cumsum(breaks)])
-    if lines_sorted[-1] + 1 > len(positions_m) / 2:  # no line structure
-        lines_sorted = np.arange(len(positions_m))
-    lines = np.empty(len(positions_m), np.int64)
-    lines[order] = lines_sorted
-    return lines
-
-
-def split_lines(positions_m: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the frames on the first ``fraction`` of scan lines, and of the rest."""
-    lines = scan_lines(positions_m)
-    cut = int(round(fraction * (lines.max() + 1)))
-    return np.flatnonzero(lines < cut), np.flatnonzero(lines >= cut)
-
-
 def reconstruct(
     predictor: Predictor,
     frames: np.ndarray,

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigurationError
 from .checkpoint import CheckpointInfo
 from .config import NetworkConfig, PreprocessRecipe, TrainConfig
-from .inference import choose_device
+from .device import choose_device
 from .network import PtychoNN
 from .preprocess import check_frames, fitted_scale, preprocess
 from .stitching import patch_window

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.geometry import extract_patches
-from ..core.reconstruct import split_lines
+from ..core.geometry import extract_patches, split_lines
 from ..core.training import TrainingSet
 from ..errors import ScanFileError
 from .scanfile import ScanData, read_scan

@@ -25,9 +25,7 @@ import numpy as np
 from ..core.config import DetectorGeometry
 from ..core.geometry import ObjectGrid
 from ..errors import ScanFileError
-from ..sim.physics import SimulatedScan
-
-TRUTH_NOTE = "simulation ground truth: not a measurement"
+from ..sim.physics import TRUTH_NOTE, SimulatedScan
 
 
 @dataclass

@@ -26,65 +26,32 @@ from typing import Any
 
 import numpy as np
 from event_model import DocumentRouter, RunRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from .. import __version__
-from ..core.config import DetectorGeometry
+from .. import __version__, schema
+from ..core.config import Frozen
 from ..core.engine import LiveOptions, LiveReconstruction
-from ..core.geometry import ObjectGrid
+from ..core.geometry import GRID_MARGIN_PIXELS
 from ..errors import RunError
 from ..files.readers import DataRoots, HDF5Reader
 
 logger = logging.getLogger(__name__)
 
 
-class CallbackConfig(BaseModel):
+class CallbackConfig(Frozen):
     """Which documents carry the frames, where files may be read, and the live policy."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    frames_key: str = Field("diffraction", description="Data key of the diffraction frames.")
-    positions_key: str = Field("positions_m", description="Data key of (y, x) positions in metres, shape (2,).")
-    frame_id_key: str | None = Field("frame_id", description="Data key of frame ids; None uses the stream index.")
-    stream_name: str = Field("primary", description="Event stream holding the frames.")
-    start_key: str = Field("ptychography", description="Start-document section with geometry and scan extent.")
+    frames_key: str = Field(schema.FRAMES_KEY, description="Data key of the diffraction frames.")
+    positions_key: str = Field(schema.POSITIONS_KEY, description="Data key of (y, x) positions in metres, shape (2,).")
+    frame_id_key: str | None = Field(
+        schema.FRAME_ID_KEY, description="Data key of frame ids; None uses the stream index."
+    )
+    stream_name: str = Field(schema.STREAM_NAME, description="Event stream holding the frames.")
     data_roots: tuple[Path, ...] = Field((), description="Folders whose files documents may name.")
-    grid_margin_pixels: int = Field(8, ge=0, description="Object-grid margin beyond the scan extent (jitter, noise).")
+    grid_margin_pixels: int = Field(
+        GRID_MARGIN_PIXELS, ge=0, description="Object-grid margin beyond the scan extent (jitter, noise)."
+    )
     live: LiveOptions = Field(default_factory=LiveOptions, description="Batching, cadence and retry policy.")
-
-
-def run_grid(section: dict, config: CallbackConfig, pixel_size_m: float, patch_pixels: int) -> ObjectGrid:
-    """The object grid of a run, from its start document's ``ptychography`` section.
-
-    A declared ``region_grid`` with the model's pixel size is used as it is (it is aligned with
-    the sample, so results compare pixel for pixel with its ground truth); otherwise the grid
-    covers the declared scan extent plus ``grid_margin_pixels``.
-    """
-    declared = section.get("region_grid")
-    if declared and np.isclose(declared["pixel_size_m"], pixel_size_m, rtol=1e-9):
-        return ObjectGrid.from_metadata(declared)
-    scan = section["scan"]
-    rows, cols = scan["shape"]
-    cy, cx = scan.get("center_m", (0.0, 0.0))
-    half = np.array([(rows - 1) / 2, (cols - 1) / 2]) * scan["step_m"]
-    corners = np.array([[cy - half[0], cx - half[1]], [cy + half[0], cx + half[1]]])
-    return ObjectGrid.covering(corners, pixel_size_m, patch_pixels, margin_pixels=config.grid_margin_pixels)
-
-
-def run_section(start: dict, config: CallbackConfig) -> dict:
-    """The start document's ptychography section (geometry, scan extent, probe, sample)."""
-    section = start.get(config.start_key)
-    if not isinstance(section, dict):
-        raise RunError(f"run {start.get('uid')} has no '{config.start_key}' section in its start document")
-    return section
-
-
-def run_geometry(section: dict) -> DetectorGeometry:
-    """The detector geometry a run declares."""
-    try:
-        return DetectorGeometry(**{k: section[k] for k in DetectorGeometry.model_fields})
-    except KeyError as err:
-        raise RunError(f"the ptychography section lacks {err}") from err
 
 
 def _guarded(method: Callable) -> Callable:
@@ -167,14 +134,16 @@ class RunReconstructor(DocumentRouter):
 
     def _begin(self) -> None:
         predictor = self.owner.predictor
-        section = run_section(self.start_doc, self.config)
-        geometry = run_geometry(section)
+        section = schema.read_section(self.start_doc)
+        geometry = schema.geometry(section)
         recipe = predictor.info.recipe
         if tuple(recipe.frame_shape) != (geometry.frame_pixels, geometry.frame_pixels):
             raise RunError(
                 f"run {self.uid} has {geometry.frame_pixels}-pixel frames; the model expects {recipe.frame_shape}"
             )
-        grid = run_grid(section, self.config, recipe.pixel_size_m(geometry), predictor.patch_pixels)
+        grid = schema.object_grid(
+            section, recipe.pixel_size_m(geometry), predictor.patch_pixels, self.config.grid_margin_pixels
+        )
         metadata = {
             "raw_uid": self.uid,
             "scan_id": self.start_doc.get("scan_id"),

@@ -17,6 +17,9 @@ from ..core.config import DetectorGeometry
 from ..core.geometry import ObjectGrid, check_positions, extract_patches
 from ..errors import ConfigurationError
 
+#: Said wherever a simulated object is stored: it is the simulation's ground truth, never a measurement.
+TRUTH_NOTE = "simulation ground truth: not a measurement"
+
 # ----------------------------------------------------------------------------------------------
 # Objects
 
@@ -326,7 +329,7 @@ def simulate_scan(
     positions = scan_positions(
         scan_kind, step_m=step_m, shape=scan_shape, jitter_m=jitter_fraction * step_m, seed=noise_seed + 1
     )
-    grid = ObjectGrid.covering(positions, pixel, n, margin_pixels=4)
+    grid = ObjectGrid.covering(positions, pixel, n)
     if obj is None:
         obj = random_features_object(grid.shape, object_seed)
     elif obj.shape != grid.shape:

@@ -27,14 +27,12 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ..core.config import DetectorGeometry, _Frozen, validated
-from ..core.geometry import ObjectGrid, check_positions
+from ..core.geometry import GRID_MARGIN_PIXELS, ObjectGrid, check_positions
 from ..errors import ConfigurationError, PositionError
 from .physics import make_probe, random_features_object, scan_positions
 
 #: The generator behind :meth:`SimulatedSample.object`, recorded with every truth.
 OBJECT_GENERATOR = "bluesky_ptychonn.sim.physics.random_features_object"
-#: Tiled container that holds simulation truths, one child per sample id (see ``archive``).
-TRUTH_CONTAINER = "simulation_truth"
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,7 @@ class SimulatedSample:
             )
 
     def region(
-        self, positions_m: np.ndarray, patch_pixels: int, margin_pixels: int = 4
+        self, positions_m: np.ndarray, patch_pixels: int, margin_pixels: int = GRID_MARGIN_PIXELS
     ) -> tuple[ObjectGrid, tuple[slice, slice]]:
         """The sample-aligned sub-grid that holds a patch at every position, and its slices in the sample.
 
