@@ -55,3 +55,8 @@ def child_container(
         if key in parent:
             return parent[key]
         raise
+
+
+def run_results(client: Any, raw_uid: str) -> Any:
+    """The ``processed/<raw_uid>`` container, where every result of one raw run lives, created if missing."""
+    return child_container(child_container(client, PROCESSED), raw_uid, metadata={"raw_uid": raw_uid})

@@ -1,6 +1,5 @@
 """The fly-scan plan on a real RunEngine, archived by TiledWriter into a real in-process Tiled server."""
 
-import argparse
 import os
 import subprocess
 import sys
@@ -17,8 +16,9 @@ from tiled.queries import Key
 
 from bluesky_ptychonn import schema
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
-from bluesky_ptychonn.archive.servers import API_KEY_ENV, FacilityServer, add_serve_command, subscribe_archive
+from bluesky_ptychonn.archive.servers import API_KEY_ENV, FacilityServer, subscribe_archive
 from bluesky_ptychonn.archive.truth import read_simulation_truth
+from bluesky_ptychonn.cli import build_parser
 from bluesky_ptychonn.errors import ConfigurationError, PositionError
 from bluesky_ptychonn.files.scanfile import read_scan
 from bluesky_ptychonn.sim.physics import TRUTH_NOTE
@@ -196,10 +196,8 @@ def test_example_script_archives_a_run(tiled_server, tmp_path):
 
 
 def test_serve_command_needs_an_api_key_and_keeps_it_off_the_command_line(tmp_path, monkeypatch):
-    parser = argparse.ArgumentParser()
-    add_serve_command(parser.add_subparsers(dest="command"))
     monkeypatch.delenv(API_KEY_ENV, raising=False)
-    args = parser.parse_args(["serve", str(tmp_path / "srv"), "-r", str(tmp_path / "det")])
+    args = build_parser().parse_args(["serve", str(tmp_path / "srv"), "-r", str(tmp_path / "det")])
     with pytest.raises(ConfigurationError, match="API key"):
         args.func(args)
     server = FacilityServer(tmp_path, "a1" * 16, readable=[tmp_path / "det"], catalog="postgresql://tiled@db/tiled")

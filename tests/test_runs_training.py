@@ -19,9 +19,10 @@ from tiled.queries import Key
 
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
 from bluesky_ptychonn.archive.labels import iterative_run, read_iterative
+from bluesky_ptychonn.archive.registry import register_model
 from bluesky_ptychonn.archive.runs import scan_from_run
 from bluesky_ptychonn.archive.servers import subscribe_archive
-from bluesky_ptychonn.archive.training import fine_tune, register_model, train_from_runs, training_set_from_runs
+from bluesky_ptychonn.archive.training import fine_tune, train_from_runs, training_set_from_runs
 from bluesky_ptychonn.cli import main
 from bluesky_ptychonn.core.checkpoint import CheckpointInfo, load_model, read_info, save_checkpoint
 from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe, TrainConfig

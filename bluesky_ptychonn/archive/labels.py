@@ -11,21 +11,21 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ..core.metadata import jsonable
 from ..errors import FrameError, PositionError, RunError
+from ..tiled_paths import ITERATIVE, processed_path, run_results
+from .runs import root_of, run_grid_for, scan_from_run
+from .truth import read_simulation_truth
 
 if TYPE_CHECKING:
     from ..core.geometry import ObjectGrid
     from ..core.iterative import IterativeOptions, IterativeResult
 
-#: Name of the iterative reconstruction under ``processed/<uid>``.
-ITERATIVE = "iterative"
 
 #: Label sources: the run's stored iterative reconstruction, or its simulation ground truth.
 LabelSource = Literal["iterative", "truth"]
@@ -58,8 +58,6 @@ def iterative_run(
     from .. import __version__
     from ..core.iterative import IterativeOptions
     from ..core.ptychi_engine import reconstruct_iterative
-    from .replay import root_of
-    from .runs import run_grid_for, scan_from_run
 
     options = options or IterativeOptions()
     scan = scan_from_run(run, with_truth=False)
@@ -117,8 +115,7 @@ def iterative_run(
 
 def write_iterative(client: Any, uid: str, result: IterativeResult, metadata: dict[str, Any]) -> str:
     """Write ``processed/<uid>/iterative`` (replacing one); ``status`` turns ``complete`` after the last array."""
-    processed = client["processed"] if "processed" in client else client.create_container("processed")
-    parent = processed[uid] if uid in processed else processed.create_container(uid, metadata={"raw_uid": uid})
+    parent = run_results(client, uid)
     if ITERATIVE in parent:
         parent[ITERATIVE].delete(recursive=True, external_only=False)
     node = parent.create_container(ITERATIVE, metadata={**metadata, "status": "writing"})
@@ -132,7 +129,7 @@ def write_iterative(client: Any, uid: str, result: IterativeResult, metadata: di
     for key, array in arrays.items():
         node.write_array(np.ascontiguousarray(array, np.float32), key=key, dims=("y", "x"))
     node.update_metadata({**metadata, "status": "complete"})
-    return f"processed/{uid}/{ITERATIVE}"
+    return processed_path(uid, ITERATIVE)
 
 
 def read_iterative(client: Any, uid: str) -> tuple[np.ndarray, ObjectGrid, dict[str, Any]]:
@@ -143,12 +140,12 @@ def read_iterative(client: Any, uid: str) -> tuple[np.ndarray, ObjectGrid, dict[
     from ..core.geometry import ObjectGrid
     from ..sim.physics import object_from_maps
 
-    path = f"processed/{uid}/{ITERATIVE}"
+    path = processed_path(uid, ITERATIVE)
     try:
-        node = client["processed"][uid][ITERATIVE]
+        node = client[path]
     except KeyError as err:
         raise RunError(f"run {uid} has no iterative reconstruction at {path}") from err
-    metadata = json.loads(json.dumps(node.metadata, default=dict))  # plain dicts, not Tiled's views
+    metadata = jsonable(node.metadata)  # plain dicts, not Tiled's views
     if metadata.get("status") != "complete":
         raise RunError(f"run {uid}: the iterative reconstruction at {path} is incomplete ({metadata.get('status')!r})")
     obj = object_from_maps(node["amplitude"].read(), node["phase"].read())
@@ -215,8 +212,6 @@ def label_patches(
         pixel size, or a frame whose patch leaves the label grid; each names the run.
     """
     from ..core.geometry import extract_patches
-    from .replay import root_of
-    from .truth import read_simulation_truth
 
     uid = run.metadata["start"]["uid"]
     client = root_of(run) if client is None else client
@@ -234,7 +229,7 @@ def label_patches(
         errors = md.get("error_per_epoch") or [None]
         provenance = {
             "label_source": "iterative",
-            "label_path": f"processed/{uid}/{ITERATIVE}",
+            "label_path": processed_path(uid, ITERATIVE),
             "engine": md.get("engine"),
             "epochs": md.get("epochs"),
             "final_error": errors[-1],
@@ -254,57 +249,3 @@ def label_patches(
         raise RunError(f"run {uid}: a label patch leaves the label grid: {err}") from err
     patches = extract_patches(obj, corners, patch_pixels)
     return np.abs(patches).astype(np.float32), np.angle(patches).astype(np.float32), provenance
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_iterative_command(sub: argparse._SubParsersAction) -> None:
-    """Register ``bluesky-ptychonn iterative``."""
-    from .replay import add_selection_arguments
-
-    p = sub.add_parser("iterative", help="reconstruct archived runs with pty-chi into processed/<uid>/iterative")
-    add_selection_arguments(p)
-    p.add_argument("--engine", choices=("epie", "lsqml"), default="epie")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=None, help="frames per update (default: the engine's)")
-    p.add_argument("--step-size", type=float, default=None, help="object (and probe) step size")
-    p.add_argument("--refine-probe", action="store_true", help="also refine the probe from the run's metadata")
-    p.add_argument("--photons-per-frame", type=float, default=None, help="flux (default: the run's metadata)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.set_defaults(func=_iterative_command)
-
-
-def _iterative_command(args: argparse.Namespace) -> list[dict]:
-    from ..core.iterative import IterativeOptions
-    from .replay import check_ptychography, runs_from_args, select
-
-    options = IterativeOptions(
-        engine=args.engine,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        object_step_size=args.step_size,
-        refine_probe=args.refine_probe,
-        device=args.device,
-    )
-    client, raw, items = runs_from_args(args)
-    runs = select(raw, items)
-    check_ptychography(runs)
-    summaries = []
-    for run in runs:
-        result = iterative_run(run, client, options, photons_per_frame=args.photons_per_frame, progress=True)
-        uid = run.metadata["start"]["uid"]
-        summaries.append(
-            {
-                "raw_uid": uid,
-                "path": f"processed/{uid}/{ITERATIVE}",
-                "engine": result.engine,
-                "epochs": result.epochs,
-                "frames": result.frames,
-                "final_error": result.error_per_epoch[-1] if result.error_per_epoch else None,
-                "seconds": result.seconds,
-                "device": result.device,
-            }
-        )
-    return summaries

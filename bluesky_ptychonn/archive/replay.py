@@ -4,37 +4,23 @@
 (:func:`~bluesky_ptychonn.archive.runs.scan_from_run`, never the detector's files) and pushes them in
 batches through the same :class:`~bluesky_ptychonn.core.engine.LiveReconstruction` and
 :class:`~bluesky_ptychonn.live.sink.TiledSink` as the live callback, on the same object grid, so a replay
-with the live model reproduces the live ``processed/<uid>/ptychonn``.
-
-Runs are named by uid or selected by Tiled queries (:func:`select`); the command lines of replay,
-iterative reconstruction and training share the same selection arguments
-(:func:`add_selection_arguments`): ``KEY=VALUE`` conditions (:func:`where`), ``--since``,
-``--until`` and ``--plan-name``. Every problem with a run (unknown uid, a query that selects
-nothing, not a ptychography run) is a :class:`~bluesky_ptychonn.errors.RunError` naming the run
-or the query.
+with the live model reproduces the live ``processed/<uid>/ptychonn``. Runs are selected with
+:mod:`bluesky_ptychonn.archive.runs`.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RunError
+from ..tiled_paths import PROCESSED, PTYCHONN
+from .runs import check_ptychography, root_of, run_grid_for, scan_from_run, select
 
 if TYPE_CHECKING:
     from ..core.engine import LiveOptions
     from ..core.inference import Predictor
-
-#: Where the command line looks for the Tiled API key unless told otherwise.
-API_KEY_ENV = "TILED_API_KEY"
-
-
-# ----------------------------------------------------------------------------------------------
-# Replay through the live pipeline
 
 
 def replay_run(
@@ -44,7 +30,7 @@ def replay_run(
     *,
     options: LiveOptions | None = None,
     replace: bool = True,
-    name: str = "ptychonn",
+    name: str = PTYCHONN,
     progress: bool = False,
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
@@ -81,7 +67,6 @@ def replay_run(
     from .. import __version__
     from ..core.engine import LiveOptions, LiveReconstruction
     from ..live.sink import TiledSink
-    from .runs import run_grid_for, scan_from_run
 
     options = options or LiveOptions()
     scan = scan_from_run(run, with_truth=False)
@@ -91,7 +76,7 @@ def replay_run(
         raise RunError(f"run {uid} has frames of shape {scan.frames.shape[1:]}; the model expects {recipe.frame_shape}")
     grid = run_grid_for(run, recipe.pixel_size_m(scan.geometry), predictor.patch_pixels)
     client = root_of(run) if client is None else client
-    if not replace and "processed" in client and name in client["processed"].get(uid, {}):
+    if not replace and PROCESSED in client and name in client[PROCESSED].get(uid, {}):
         raise RunError(f"run {uid} already has processed/{uid}/{name}; replay with replace=True to overwrite it")
     start = run.metadata["start"]
     metadata = {
@@ -128,7 +113,7 @@ def replay_runs(
     *,
     options: LiveOptions | None = None,
     replace: bool = True,
-    name: str = "ptychonn",
+    name: str = PTYCHONN,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """:func:`replay_run` for every run :func:`select` finds; none is replayed unless all are ptychography runs."""
@@ -141,72 +126,3 @@ def replay_runs(
         replay_run(run, predictor, client, options=options, replace=replace, name=name, progress=progress)
         for run in tqdm(runs, desc="replay", unit="run", disable=not progress or len(runs) < 2)
     ]
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line (shared by the replay, iterative, train-runs and fine-tune commands)
-
-
-def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
-    """Run selection and the Tiled connection: RUN (uid or KEY=VALUE), --uid, --where, --since, --until, ..."""
-    parser.add_argument(
-        "runs", nargs="*", metavar="RUN", help="a run uid (or its first 5+ characters), or a KEY=VALUE condition"
-    )
-    parser.add_argument("--uid", dest="uids", action="append", default=[], help="a run uid (repeatable)")
-    parser.add_argument(
-        "--where",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="start-document condition; a bare KEY is in the ptychography section (sample_id=...), "
-        "a dotted one a path from the start document (start.operator=...); all conditions must hold",
-    )
-    parser.add_argument("--since", help="runs started at or after this ISO 8601 time")
-    parser.add_argument("--until", help="runs started before this ISO 8601 time")
-    parser.add_argument("--plan-name", help="runs of this plan only (e.g. ptycho_fly_scan)")
-    parser.add_argument("--tiled-uri", required=True, help="Tiled server root URI")
-    parser.add_argument(
-        "--api-key-env", default=API_KEY_ENV, help=f"environment variable with the API key (default {API_KEY_ENV})"
-    )
-
-
-def runs_from_args(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
-    """Connect as the arguments say; return (root client, raw catalog, selection items for :func:`select`)."""
-    from .servers import connect
-
-    uids = [r for r in args.runs if "=" not in r] + list(args.uids)
-    conditions = [r for r in args.runs if "=" in r] + list(args.where)
-    items = selection(uids, conditions, since=args.since, until=args.until, plan_name=args.plan_name)
-    client, raw = connect(args.tiled_uri, api_key=os.environ.get(args.api_key_env) or None)
-    return client, raw, items
-
-
-def add_replay_command(sub: argparse._SubParsersAction) -> None:
-    """Register ``bluesky-ptychonn replay``."""
-    p = sub.add_parser("replay", help="reconstruct archived runs again with a model, reading them through Tiled")
-    add_selection_arguments(p)
-    p.add_argument("--checkpoint", type=Path, required=True, help="the model (.safetensors)")
-    p.add_argument("--name", default="ptychonn", help="result name under processed/<uid> (default ptychonn)")
-    p.add_argument("--keep", action="store_true", help="refuse to replace an existing result")
-    p.add_argument("--batch-size", type=int, default=64, help="frames per inference batch")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:n]'")
-    p.set_defaults(func=_replay_command)
-
-
-def _replay_command(args: argparse.Namespace) -> list[dict]:
-    from ..core.engine import LiveOptions
-    from ..core.inference import Predictor
-
-    client, raw, items = runs_from_args(args)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
-    results = replay_runs(
-        raw,
-        items,
-        predictor,
-        client,
-        options=LiveOptions(batch_size=args.batch_size),
-        replace=not args.keep,
-        name=args.name,
-    )
-    keys = ("raw_uid", "path", "status", "frames_done", "frames_dropped", "frames_duplicate", "model_hash")
-    return [{k: r.get(k) for k in keys} | {"errors": r["errors"]} for r in results]

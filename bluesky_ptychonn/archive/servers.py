@@ -202,7 +202,6 @@ class FacilityServer:
         """Start the child, wait until it answers, make sure ``raw`` exists; return the child."""
         import httpx
 
-
         (self.directory / "data").mkdir(parents=True, exist_ok=True)
         for path in self.readable:
             path.mkdir(parents=True, exist_ok=True)

@@ -12,15 +12,15 @@ the runs and label source behind it.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from .. import schema
 from ..errors import ConfigurationError, RunError
+from .runs import check_ptychography, root_of, scan_from_run, select
 
 if TYPE_CHECKING:
     from ..core.checkpoint import CheckpointInfo
@@ -30,8 +30,9 @@ if TYPE_CHECKING:
     from ..core.training import TrainingSet
     from .labels import LabelSource
 
-#: Container of registered models on the Tiled server.
-MODELS = "models"
+#: Fine-tuning defaults: a few epochs at a tenth of the paper's rate refine a model rather than overwrite it.
+FINE_TUNE_EPOCHS = 10
+FINE_TUNE_LEARNING_RATE = 1e-4
 
 
 def training_set_from_runs(
@@ -76,8 +77,6 @@ def training_set_from_runs(
     from ..core.geometry import split_lines
     from ..core.training import TrainingSet
     from .labels import check_labels_available, label_patches
-    from .replay import check_ptychography, root_of, select
-    from .runs import scan_from_run
 
     if label_source not in ("iterative", "truth"):
         raise ConfigurationError(f"label source must be 'iterative' or 'truth', got {label_source!r}")
@@ -154,6 +153,8 @@ def train_from_runs(
     label_source: LabelSource = "iterative",
     lines: float = 1.0,
     network: NetworkConfig | str = "paper",
+    batch_norm: bool = False,
+    transform: Literal["none", "sqrt", "log1p"] = "sqrt",
     recipe: PreprocessRecipe | None = None,
     config: TrainConfig | None = None,
     client: Any = None,
@@ -162,12 +163,13 @@ def train_from_runs(
     out: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[PtychoNN, CheckpointInfo]:
-    """Train a new model on prior runs: :func:`training_set_from_runs`, then :func:`~..core.training.fit`.
+    """Train a new model on prior runs: :func:`training_set_from_runs`, then ``core.training.fit``.
 
     ``network`` is a configuration or a preset name (``"paper"``, ``"small"``) sized to the runs'
-    frames; ``recipe`` defaults to whole frames, sqrt transform, scale fitted on the training
-    frames. The provenance holds ``run_uids``, ``label_source`` and each run's source; with
-    ``out`` the checkpoint is written there (atomically, by :func:`~bluesky_ptychonn.core.checkpoint.save_checkpoint`).
+    frames, with BatchNorm when ``batch_norm``; ``recipe`` defaults to whole frames, the given
+    input ``transform`` and a scale fitted on the training frames. The provenance holds
+    ``run_uids``, ``label_source`` and each run's source; with ``out`` the checkpoint is written
+    there, atomically.
     """
     from ..core.checkpoint import save_checkpoint
     from ..core.config import NetworkConfig, PreprocessRecipe
@@ -184,8 +186,9 @@ def train_from_runs(
         progress=progress,
     )
     n = data.amplitude.shape[-1]
-    network = NetworkConfig.preset(network, n) if isinstance(network, str) else network
-    recipe = recipe or PreprocessRecipe(frame_shape=tuple(data.frames.shape[1:]))
+    if isinstance(network, str):
+        network = NetworkConfig.preset(network, n).model_copy(update={"batch_norm": batch_norm})
+    recipe = recipe or PreprocessRecipe(frame_shape=tuple(data.frames.shape[1:]), transform=transform)
     model, info = fit(data, network, recipe, config, device=device, progress=progress)
     info.provenance.update(_run_provenance(data, label_source))
     if out is not None:
@@ -198,12 +201,12 @@ def fine_tune(
     catalog: Any,
     uids_or_queries: Iterable[Any],
     *,
-    epochs: int,
+    epochs: int = FINE_TUNE_EPOCHS,
     out: str | Path | None = None,
     newest: int | None = None,
     label_source: LabelSource = "iterative",
     lines: float = 1.0,
-    learning_rate: float = 1e-4,
+    learning_rate: float = FINE_TUNE_LEARNING_RATE,
     config: TrainConfig | None = None,
     client: Any = None,
     iterative_options: IterativeOptions | None = None,
@@ -254,130 +257,3 @@ def fine_tune(
     }
     info = save_checkpoint(checkpoint if out is None else out, model, info)  # atomic, see save_checkpoint
     return model, info
-
-
-def register_model(client: Any, checkpoint: str | Path | CheckpointInfo) -> str:
-    """Describe a model at ``models/<content hash>`` in Tiled; return that path.
-
-    The metadata is the checkpoint's (network, recipe, provenance with run uids and label source,
-    package version) and its metrics without the per-epoch history. A model already registered
-    (same hash, so same weights and configuration) is left as it is.
-    """
-    from ..core.checkpoint import CheckpointInfo, read_info
-
-    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_info(checkpoint)[0]
-    if not info.content_hash:
-        raise ConfigurationError("the checkpoint info has no content hash: save the checkpoint first")
-    metadata = info.as_metadata()
-    metadata["metrics"] = {k: v for k, v in info.metrics.items() if k != "history"}
-    if not isinstance(checkpoint, CheckpointInfo):
-        metadata["checkpoint_file"] = str(Path(checkpoint).resolve())
-    models = client[MODELS] if MODELS in client else client.create_container(MODELS)
-    if info.content_hash not in models:
-        models.create_container(info.content_hash, metadata=metadata)
-    return f"{MODELS}/{info.content_hash}"
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    from .replay import add_selection_arguments
-
-    add_selection_arguments(p)
-    p.add_argument("--labels", choices=("iterative", "truth"), required=True, help="label source")
-    p.add_argument("--lines", type=float, default=1.0, help="use the first fraction of each run's scan lines")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--iterative-engine", choices=("epie", "lsqml"), default="epie", help="for missing labels")
-    p.add_argument("--iterative-epochs", type=int, default=100, help="for missing labels")
-    p.add_argument("--no-register", action="store_true", help="do not describe the model at models/<hash> in Tiled")
-
-
-def add_train_runs_command(sub: argparse._SubParsersAction) -> None:
-    """Register ``bluesky-ptychonn train-runs``."""
-    p = sub.add_parser("train-runs", help="train a model on prior runs selected in the Tiled catalog")
-    _add_common(p)
-    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors), atomically")
-    p.add_argument("--network", choices=("paper", "small"), default="paper")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--patience", type=int, default=5, help="epochs of plateau before the rate halves")
-    p.set_defaults(func=_train_runs_command)
-
-
-def add_fine_tune_command(sub: argparse._SubParsersAction) -> None:
-    """Register ``bluesky-ptychonn fine-tune``."""
-    p = sub.add_parser("fine-tune", help="continue training a model on the newest runs; replace it atomically")
-    p.add_argument("checkpoint", type=Path, help="the model to start from (and, without --out, to replace)")
-    _add_common(p)
-    p.add_argument("--out", type=Path, default=None, help="where to write the new model (default: CHECKPOINT)")
-    p.add_argument("--newest", type=int, default=None, help="train on the newest N selected runs only")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.set_defaults(func=_fine_tune_command)
-
-
-def _options(args: argparse.Namespace) -> tuple[TrainConfig, IterativeOptions]:
-    from ..core.config import TrainConfig
-    from ..core.iterative import IterativeOptions
-
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, plateau_patience=getattr(args, "patience", 5)
-    )
-    return config, IterativeOptions(engine=args.iterative_engine, epochs=args.iterative_epochs)
-
-
-def _summary(args: argparse.Namespace, client: Any, path: Path, info: CheckpointInfo) -> dict:
-    return {
-        "checkpoint": str(path),
-        "content_hash": info.content_hash,
-        "registered": None if args.no_register else register_model(client, path),
-        "run_uids": info.provenance["run_uids"],
-        "label_source": info.provenance["label_source"],
-        **{k: v for k, v in info.metrics.items() if k != "history"},
-    }
-
-
-def _train_runs_command(args: argparse.Namespace) -> dict:
-    from .replay import runs_from_args
-
-    client, raw, items = runs_from_args(args)
-    config, iterative = _options(args)
-    _, info = train_from_runs(
-        raw,
-        items,
-        label_source=args.labels,
-        lines=args.lines,
-        network=args.network,
-        config=config,
-        client=client,
-        iterative_options=iterative,
-        device=args.device,
-        out=args.out,
-    )
-    return _summary(args, client, args.out, info)
-
-
-def _fine_tune_command(args: argparse.Namespace) -> dict:
-    from .replay import runs_from_args
-
-    client, raw, items = runs_from_args(args)
-    config, iterative = _options(args)
-    _, info = fine_tune(
-        args.checkpoint,
-        raw,
-        items,
-        epochs=args.epochs,
-        out=args.out,
-        newest=args.newest,
-        label_source=args.labels,
-        lines=args.lines,
-        learning_rate=args.learning_rate,
-        config=config,
-        client=client,
-        iterative_options=iterative,
-        device=args.device,
-    )
-    return _summary(args, client, args.out or args.checkpoint, info)

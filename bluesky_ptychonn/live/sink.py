@@ -8,22 +8,18 @@ on to new rows, so a reader polling Tiled sees the image grow while the scan run
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import numpy as np
 
+from ..core.metadata import jsonable
 from ..core.stitching import StitchedImage
+from ..tiled_paths import PTYCHONN, processed_path, run_results
 
 logger = logging.getLogger(__name__)
 
 ARRAYS = ("amplitude", "phase", "weight")
-
-
-def _jsonable(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Round-trip through JSON so numpy scalars and tuples become plain types Tiled accepts."""
-    return json.loads(json.dumps(metadata, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 class TiledSink:
@@ -42,7 +38,7 @@ class TiledSink:
         to find one with different arrays.
     """
 
-    def __init__(self, client: Any, raw_uid: str, name: str = "ptychonn", *, replace: bool = False) -> None:
+    def __init__(self, client: Any, raw_uid: str, name: str = PTYCHONN, *, replace: bool = False) -> None:
         self.client = client
         self.raw_uid = raw_uid
         self.name = name
@@ -54,19 +50,12 @@ class TiledSink:
     @property
     def path(self) -> str:
         """Path of the result on the server."""
-        return f"processed/{self.raw_uid}/{self.name}"
+        return processed_path(self.raw_uid, self.name)
 
     def _container(self, metadata: dict[str, Any]) -> Any:
         if self._node is not None:
             return self._node
-        processed = (
-            self.client["processed"] if "processed" in self.client else self.client.create_container("processed")
-        )
-        run = (
-            processed[self.raw_uid]
-            if self.raw_uid in processed
-            else processed.create_container(self.raw_uid, metadata={"raw_uid": self.raw_uid})
-        )
+        run = run_results(self.client, self.raw_uid)
         if self.name in run and self.replace:
             run[self.name].delete(recursive=True, external_only=False)
         if self.name in run:
@@ -81,7 +70,7 @@ class TiledSink:
 
     def publish(self, image: StitchedImage, metadata: dict[str, Any]) -> None:
         """Write what changed since the last successful publish, then the metadata."""
-        metadata = _jsonable(metadata)
+        metadata = jsonable(metadata)
         node = self._container(metadata)
         final = metadata.get("status") != "running"
         covered_rows = np.flatnonzero(image.weight.any(axis=1))
@@ -106,5 +95,5 @@ class TiledSink:
 
     def record_failure(self, metadata: dict[str, Any]) -> None:
         """A result that never got an image (the run and the model do not fit): metadata only."""
-        metadata = _jsonable(metadata)
+        metadata = jsonable(metadata)
         self._container(metadata).update_metadata(metadata)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from ..core.config import DetectorGeometry, _Frozen, validated
+from ..core.config import DetectorGeometry, Frozen, validated
 from ..core.geometry import GRID_MARGIN_PIXELS, ObjectGrid, check_positions
 from ..errors import ConfigurationError, PositionError
 from .physics import make_probe, random_features_object, scan_positions
@@ -162,7 +162,7 @@ class SampleRegistry:
 # What the detector is prepared with: its settings and the fly trajectory
 
 
-class DetectorSettings(_Frozen):
+class DetectorSettings(Frozen):
     """How the simulated detector exposes, counts and writes."""
 
     geometry: DetectorGeometry = Field(default_factory=DetectorGeometry, description="Energy and detector geometry.")

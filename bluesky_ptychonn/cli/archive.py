@@ -1,0 +1,233 @@
+"""Commands on the archive: ``serve`` Tiled, ``replay`` runs, ``iterative`` labels, ``train-runs``, ``fine-tune``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from ..archive.training import FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE
+from ..core.engine import LiveOptions
+from ..core.iterative import IterativeOptions
+from ..tiled_paths import ITERATIVE, PTYCHONN, processed_path
+from .options import (
+    add_field,
+    add_network_options,
+    add_selection_arguments,
+    add_training_options,
+    runs_from_args,
+    training_config,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve``, ``replay``, ``iterative``, ``train-runs`` and ``fine-tune``."""
+    from ..archive.servers import API_KEY_ENV
+
+    p = sub.add_parser("serve", help="run a persistent Tiled server with the 'raw' catalog of Bluesky runs")
+    p.add_argument("directory", type=Path, help="folder for the catalog, array data and tables")
+    p.add_argument(
+        "-r",
+        "--detector-data",
+        type=Path,
+        action="append",
+        default=[],
+        help="detector data folder the server may read (repeat for several)",
+    )
+    p.add_argument("--catalog", default=None, help="catalog database URI (default: SQLite in DIRECTORY)")
+    p.add_argument("--tables", default=None, help="tabular storage URI (default: DuckDB in DIRECTORY)")
+    p.add_argument("--api-key", default=None, help=f"API key for writes (default: ${API_KEY_ENV})")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--public", action="store_true", help="allow anonymous reads (writes still need the key)")
+    p.set_defaults(func=serve)
+
+    p = sub.add_parser("replay", help="reconstruct archived runs again with a model, reading them through Tiled")
+    add_selection_arguments(p)
+    p.add_argument("--checkpoint", type=Path, required=True, help="the model (.safetensors)")
+    p.add_argument("--name", default=PTYCHONN, help=f"result name under processed/<uid> (default {PTYCHONN})")
+    p.add_argument("--keep", action="store_true", help="refuse to replace an existing result")
+    add_field(p, "--batch-size", LiveOptions, "batch_size")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:n]'")
+    p.set_defaults(func=replay)
+
+    p = sub.add_parser("iterative", help="reconstruct archived runs with pty-chi into processed/<uid>/iterative")
+    add_selection_arguments(p)
+    add_iterative_options(p, "--")
+    p.add_argument("--photons-per-frame", type=float, default=None, help="flux (default: the run's metadata)")
+    p.set_defaults(func=iterative)
+
+    p = sub.add_parser("train-runs", help="train a model on prior runs selected in the Tiled catalog")
+    _add_run_training(p)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors), atomically")
+    add_network_options(p, transforms=("sqrt", "log1p", "none"))
+    add_training_options(p)
+    p.set_defaults(func=train_runs)
+
+    p = sub.add_parser("fine-tune", help="continue training a model on the newest runs; replace it atomically")
+    p.add_argument("checkpoint", type=Path, help="the model to start from (and, without --out, to replace)")
+    _add_run_training(p)
+    p.add_argument("--out", type=Path, default=None, help="where to write the new model (default: CHECKPOINT)")
+    p.add_argument("--newest", type=int, default=None, help="train on the newest N selected runs only")
+    add_training_options(p, epochs=FINE_TUNE_EPOCHS, learning_rate=FINE_TUNE_LEARNING_RATE)
+    p.set_defaults(func=fine_tune)
+
+
+def add_iterative_options(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """pty-chi's options (``IterativeOptions``) as ``<prefix>engine``, ``<prefix>epochs``, ..."""
+    dest = "iterative_" if prefix != "--" else ""
+    for name, flag in (
+        ("engine", "engine"),
+        ("epochs", "epochs"),
+        ("batch_size", "batch-size"),
+        ("object_step_size", "step-size"),
+        ("refine_probe", "refine-probe"),
+        ("device", "device"),
+    ):
+        add_field(parser, prefix + flag, IterativeOptions, name, dest=dest + name)
+
+
+def _iterative_options(args: argparse.Namespace, dest: str) -> IterativeOptions:
+    return IterativeOptions(
+        **{name: getattr(args, dest + name) for name in IterativeOptions.model_fields if hasattr(args, dest + name)}
+    )
+
+
+def _add_run_training(p: argparse.ArgumentParser) -> None:
+    add_selection_arguments(p)
+    p.add_argument("--labels", choices=("iterative", "truth"), required=True, help="label source")
+    p.add_argument("--lines", type=float, default=1.0, help="use the first fraction of each run's scan lines")
+    add_iterative_options(p, "--iterative-")
+    p.add_argument("--no-register", action="store_true", help="do not describe the model at models/<hash> in Tiled")
+
+
+def serve(args: argparse.Namespace) -> dict:
+    """``serve``: run the facility Tiled server until it exits or is interrupted; returns a summary."""
+    from ..archive.servers import API_KEY_ENV, FacilityServer
+
+    server = FacilityServer(
+        directory=args.directory,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV, ""),
+        readable=list(args.detector_data),
+        catalog=args.catalog,
+        tables=args.tables,
+        host=args.host,
+        port=args.port,
+        public=args.public,
+    )
+    process = server.start()
+    print(f"bluesky-ptychonn serve: Tiled at {server.uri} with catalog 'raw'; Ctrl-C stops it", flush=True)
+    code: int | None
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        code = server.stop()
+    return {"uri": server.uri, "directory": str(server.directory), "exit_code": code}
+
+
+def replay(args: argparse.Namespace) -> list[dict]:
+    """``replay``: reconstruct the selected runs again; returns one summary per run."""
+    from ..archive.replay import replay_runs
+    from ..core.inference import Predictor
+
+    client, raw, items = runs_from_args(args)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    results = replay_runs(
+        raw,
+        items,
+        predictor,
+        client,
+        options=LiveOptions(batch_size=args.batch_size),
+        replace=not args.keep,
+        name=args.name,
+    )
+    keys = ("raw_uid", "path", "status", "frames_done", "frames_dropped", "frames_duplicate", "model_hash")
+    return [{k: r.get(k) for k in keys} | {"errors": r["errors"]} for r in results]
+
+
+def iterative(args: argparse.Namespace) -> list[dict]:
+    """``iterative``: pty-chi reconstructions of the selected runs into Tiled; one summary per run."""
+    from ..archive.labels import iterative_run
+    from ..archive.runs import check_ptychography, select
+
+    options = _iterative_options(args, "")
+    client, raw, items = runs_from_args(args)
+    runs = select(raw, items)
+    check_ptychography(runs)
+    summaries = []
+    for run in runs:
+        result = iterative_run(run, client, options, photons_per_frame=args.photons_per_frame, progress=True)
+        uid = run.metadata["start"]["uid"]
+        summaries.append(
+            {
+                "raw_uid": uid,
+                "path": processed_path(uid, ITERATIVE),
+                "engine": result.engine,
+                "epochs": result.epochs,
+                "frames": result.frames,
+                "final_error": result.error_per_epoch[-1] if result.error_per_epoch else None,
+                "seconds": result.seconds,
+                "device": result.device,
+            }
+        )
+    return summaries
+
+
+def _summary(args: argparse.Namespace, client: Any, path: Path, info: Any) -> dict:
+    from ..archive.registry import register_model
+
+    return {
+        "checkpoint": str(path),
+        "content_hash": info.content_hash,
+        "registered": None if args.no_register else register_model(client, path),
+        "run_uids": info.provenance["run_uids"],
+        "label_source": info.provenance["label_source"],
+        **{k: v for k, v in info.metrics.items() if k != "history"},
+    }
+
+
+def train_runs(args: argparse.Namespace) -> dict:
+    """``train-runs``: train a new model on the selected runs, register it; returns its summary."""
+    from ..archive.training import train_from_runs
+
+    client, raw, items = runs_from_args(args)
+    _, info = train_from_runs(
+        raw,
+        items,
+        label_source=args.labels,
+        lines=args.lines,
+        network=args.network,
+        batch_norm=args.batch_norm,
+        transform=args.transform,
+        config=training_config(args),
+        client=client,
+        iterative_options=_iterative_options(args, "iterative_"),
+        device=args.device,
+        out=args.out,
+    )
+    return _summary(args, client, args.out, info)
+
+
+def fine_tune(args: argparse.Namespace) -> dict:
+    """``fine-tune``: continue training a checkpoint on the newest selected runs; returns its summary."""
+    from ..archive.training import fine_tune
+
+    client, raw, items = runs_from_args(args)
+    config = training_config(args)
+    _, info = fine_tune(
+        args.checkpoint,
+        raw,
+        items,
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        out=args.out,
+        newest=args.newest,
+        label_source=args.labels,
+        lines=args.lines,
+        config=config,
+        client=client,
+        iterative_options=_iterative_options(args, "iterative_"),
+        device=args.device,
+    )
+    return _summary(args, client, args.out or args.checkpoint, info)

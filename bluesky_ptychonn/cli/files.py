@@ -1,0 +1,152 @@
+"""Commands on files: ``simulate`` a scan, ``train`` on scan files, ``reconstruct`` a scan file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..core.config import DetectorGeometry
+from .options import add_field, add_network_options, add_training_options, training_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``simulate``, ``train`` and ``reconstruct`` to the sub-command parsers."""
+    p = sub.add_parser("simulate", help="write a simulated scan and its ground truth to HDF5")
+    p.add_argument("out", type=Path, help="HDF5 file to write")
+    p.add_argument("--object-seed", type=int, default=0, help="seed of the random-features object")
+    p.add_argument("--noise-seed", type=int, default=0, help="seed of Poisson noise and position jitter")
+    p.add_argument("--scan", choices=("raster", "snake", "fermat"), default="raster")
+    p.add_argument("--rows", type=int, default=32, help="scan lines (raster/snake)")
+    p.add_argument("--cols", type=int, default=32, help="points per line (raster/snake)")
+    p.add_argument("--overlap", type=float, default=0.5, help="probe overlap between neighbours, 0..1")
+    p.add_argument("--step-m", type=float, default=None, help="scan step in metres (overrides --overlap)")
+    p.add_argument("--photons", type=float, default=1e6, help="photons per frame through free space")
+    p.add_argument("--probe", choices=("zone_plate", "gaussian"), default="zone_plate")
+    for name in DetectorGeometry.model_fields:
+        add_field(p, "--" + name.replace("_", "-"), DetectorGeometry, name)
+    p.set_defaults(func=simulate)
+
+    p = sub.add_parser("train", help="train a model on simulated scan files (labels: their ground truth)")
+    p.add_argument(
+        "scans", nargs="+", help="HDF5 scan files with /entry/simulation_truth; FILE:0.6 = first 60 %% of lines"
+    )
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument(
+        "--lines", type=float, default=1.0, help="default fraction of each scan's lines to use (first lines)"
+    )
+    add_network_options(p, transforms=("sqrt", "log1p", "none", "auto"))
+    add_training_options(p)
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("reconstruct", help="stitched amplitude/phase of a scan file, with metrics and a PNG")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("scan", type=Path)
+    p.add_argument("--out-dir", type=Path, default=Path("reconstruction"))
+    p.add_argument("--skip-lines", type=float, default=0.0, help="reconstruct only after this fraction of scan lines")
+    p.add_argument("--window", choices=("gaussian", "central", "uniform"), default="gaussian")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=reconstruct)
+
+
+def simulate(args: argparse.Namespace) -> dict:
+    """``simulate``: write a scan file; returns its summary."""
+    from ..files.scanfile import write_scan
+    from ..sim.physics import simulate_scan
+
+    geometry = DetectorGeometry(**{name: getattr(args, name) for name in DetectorGeometry.model_fields})
+    scan = simulate_scan(
+        geometry=geometry,
+        object_seed=args.object_seed,
+        noise_seed=args.noise_seed,
+        scan_kind=args.scan,
+        scan_shape=(args.rows, args.cols),
+        overlap=args.overlap,
+        step_m=args.step_m,
+        probe={"kind": args.probe},
+        photons_per_frame=args.photons,
+    )
+    write_scan(args.out, scan)
+    return {
+        "file": str(args.out),
+        "frames": len(scan.frames),
+        "pixel_size_m": scan.grid.pixel_size_m,
+        **scan.metadata["scan"],
+    }
+
+
+def build_model_config(args: argparse.Namespace, frame_shape: tuple[int, int], patch_pixels: int) -> tuple:
+    """(NetworkConfig, PreprocessRecipe) from the training options, for frames of ``frame_shape``."""
+    from ..core.config import NetworkConfig, PreprocessRecipe
+
+    network = NetworkConfig.preset(args.network, patch_pixels).model_copy(update={"batch_norm": args.batch_norm})
+    transform = "sqrt" if args.transform == "auto" else args.transform
+    return network, PreprocessRecipe(frame_shape=frame_shape, transform=transform)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """``train``: fit a model on scan files and write its checkpoint; returns the metrics."""
+    from ..core.checkpoint import save_checkpoint
+    from ..core.training import choose_transform, fit
+    from ..files.datasets import training_set_from_files
+
+    data = training_set_from_files(args.scans, lines=args.lines)
+    network, recipe = build_model_config(args, tuple(data.frames.shape[1:]), data.amplitude.shape[-1])
+    config = training_config(args)
+    scores = None
+    if args.transform == "auto":
+        trial = config.model_copy(update={"epochs": max(2, args.epochs // 5)})
+        best, scores = choose_transform(data, network, recipe, trial, device=args.device)
+        recipe = recipe.model_copy(update={"transform": best})
+    model, info = fit(data, network, recipe, config, device=args.device)
+    if scores:
+        info.metrics["transform_trials"] = scores
+    info = save_checkpoint(args.out, model, info)
+    return {
+        "checkpoint": str(args.out),
+        "content_hash": info.content_hash,
+        **{k: v for k, v in info.metrics.items() if k != "history"},
+    }
+
+
+def reconstruct(args: argparse.Namespace) -> dict:
+    """``reconstruct``: stitch a scan file's predictions, compare with its truth, write HDF5, PNG and JSON."""
+    import numpy as np
+
+    from ..core.geometry import ObjectGrid, split_lines
+    from ..core.inference import Predictor
+    from ..core.reconstruct import evaluate, reconstruct
+    from ..files.figures import save_figure
+    from ..files.results import write_result
+    from ..files.scanfile import read_scan
+
+    scan = read_scan(args.scan)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    idx = split_lines(scan.positions_m, args.skip_lines)[1] if args.skip_lines else np.arange(len(scan.frames))
+    pixel = predictor.info.recipe.pixel_size_m(scan.geometry)
+    grid = scan.truth_grid if scan.truth_grid is not None and np.isclose(scan.truth_grid.pixel_size_m, pixel) else None
+    grid = grid or ObjectGrid.covering(scan.positions_m[idx], pixel, predictor.patch_pixels)
+    started = time.perf_counter()
+    image = reconstruct(predictor, scan.frames[idx], scan.positions_m[idx], grid=grid, window=args.window)
+    summary: dict = {
+        "frames": int(len(idx)),
+        "device": str(predictor.device),
+        "seconds": time.perf_counter() - started,
+        "model_hash": predictor.info.content_hash,
+    }
+    panels = [("PtychoNN", image.amplitude, image.phase)]
+    if scan.truth is not None and grid == scan.truth_grid:
+        summary.update(evaluate(image, scan.truth, grid))
+        panels.append(("ground truth", np.abs(scan.truth), np.angle(scan.truth)))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_result(args.out_dir / "reconstruction.h5", image, summary)
+    save_figure(
+        args.out_dir / "reconstruction.png",
+        panels,
+        grid,
+        mask=image.covered(0.5),
+        title=f"{args.scan.name}: {len(idx)} frames",
+    )
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
