@@ -1,29 +1,19 @@
-"""Importing the package stays cheap, and the core never imports the Bluesky/Tiled edge."""
+"""Importing the package stays cheap, and the core never imports the Bluesky/Tiled edge (at run time;
+the import-linter contracts of ``tests/test_layers.py`` check the static imports)."""
 
 import json
+import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
+#: Every module of the layers that must not load the Bluesky/Tiled stack, even at run time.
+PACKAGE = Path(__file__).resolve().parents[1] / "bluesky_ptychonn"
 CORE = [
-    "bluesky_ptychonn.core.config",
-    "bluesky_ptychonn.core.geometry",
-    "bluesky_ptychonn.sim.physics",
-    "bluesky_ptychonn.core.preprocess",
-    "bluesky_ptychonn.core.stitching",
-    "bluesky_ptychonn.core.metrics",
-    "bluesky_ptychonn.core.checkpoint",
-    "bluesky_ptychonn.core.network",
-    "bluesky_ptychonn.core.inference",
-    "bluesky_ptychonn.core.training",
-    "bluesky_ptychonn.core.reconstruct",
-    "bluesky_ptychonn.files.scanfile",
-    "bluesky_ptychonn.files.datasets",
-    "bluesky_ptychonn.sim.sample",
-    "bluesky_ptychonn.core.iterative",
-    "bluesky_ptychonn.core.engine",
-    "bluesky_ptychonn.files.readers",
-    "bluesky_ptychonn.live.sink",
-]
+    f"bluesky_ptychonn.{layer}.{module.name}"
+    for layer in ("core", "sim", "files")
+    for module in pkgutil.iter_modules([str(PACKAGE / layer)])
+] + ["bluesky_ptychonn.schema", "bluesky_ptychonn.tiled_paths"]
 
 
 def _modules_after(imports):

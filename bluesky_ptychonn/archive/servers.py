@@ -255,13 +255,6 @@ def _forward_masked(process: subprocess.Popen, secret: str) -> None:
     sys.stderr.flush()
 
 
-def _forward_masked(process: subprocess.Popen, secret: str) -> None:
-    """Copy the child's output to our stderr, line by line, with the API key replaced."""
-    for line in process.stdout or ():
-        sys.stderr.write(line.replace(secret, "<api-key>"))
-    sys.stderr.flush()
-
-
 def tiled_run_uri(client: Container, uid: str) -> str:
     """The HTTP address of a raw run (without any API key)."""
     return f"{client.context.api_uri}metadata/{RAW}/{uid}"

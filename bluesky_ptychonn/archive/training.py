@@ -89,14 +89,12 @@ def training_set_from_runs(
     check_ptychography(runs)
     client = root_of(catalog) if client is None else client
     # Everything that metadata alone can refuse is refused before any frame is read or pty-chi runs.
-    first_uid, geometry = None, None
-    for run in runs:
+    first_uid = runs[0].metadata["start"]["uid"]  # select() never returns an empty list
+    geometry = schema.geometry(schema.read_section(runs[0].metadata["start"]))
+    for run in runs[1:]:
         start = run.metadata["start"]
-        uid, section = start["uid"], start["ptychography"]
-        this = schema.geometry(section)
-        if geometry is None:
-            first_uid, geometry = uid, this
-        elif this.frame_pixels != geometry.frame_pixels or not np.isclose(
+        uid, this = start["uid"], schema.geometry(schema.read_section(start))
+        if this.frame_pixels != geometry.frame_pixels or not np.isclose(
             this.pixel_size_m(), geometry.pixel_size_m(), rtol=1e-6
         ):
             raise RunError(
@@ -104,7 +102,6 @@ def training_set_from_runs(
                 f"frames of {this.pixel_size_m():.6g} m pixels ({this}), run {first_uid} {geometry.frame_pixels}-pixel "
                 f"frames of {geometry.pixel_size_m():.6g} m pixels ({geometry})"
             )
-    assert geometry is not None  # select() never returns an empty list
     check_labels_available(runs, label_source, client)
     n = geometry.frame_pixels
     if recipe is not None:

@@ -194,7 +194,11 @@ def fit(
         if epoch - best_epoch >= config.early_stop_patience:
             break
     bar.close()
-    assert best_state is not None  # at least one epoch ran
+    if best_state is None:  # no epoch gave a finite validation loss (NaN never compares below inf)
+        raise ConfigurationError(
+            f"training diverged: the validation loss was never finite in {len(history)} epochs; "
+            f"lower the learning rate ({config.learning_rate})"
+        )
     model.load_state_dict(best_state)
     model.eval()
     info = CheckpointInfo(

@@ -46,7 +46,8 @@ def write_scan(path: str | Path, scan: SimulatedScan) -> Path:
     """Write a simulated scan and its ground truth to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = scan.frames.shape[-1]
+    if scan.probe.shape[0] != scan.frames.shape[-1]:
+        raise ScanFileError(f"probe of shape {scan.probe.shape} does not match frames of shape {scan.frames.shape[1:]}")
     with h5py.File(path, "w") as f:
         entry = f.create_group("entry")
         entry.attrs["metadata"] = json.dumps(scan.metadata)
@@ -64,7 +65,6 @@ def write_scan(path: str | Path, scan: SimulatedScan) -> Path:
         obj.attrs["pixel_size_m"] = scan.grid.pixel_size_m
         obj.attrs["origin_m"] = scan.grid.origin_m
         obj.attrs["note"] = TRUTH_NOTE
-        assert n == scan.probe.shape[0]
     return path
 
 
