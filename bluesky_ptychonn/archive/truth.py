@@ -39,7 +39,7 @@ class SimulationTruthWriter:
         """Handle one document; only ``start`` matters."""
         if name != "start":
             return
-        truth = (doc.get("ptychography") or {}).get("simulation_truth")
+        truth = (doc.get(schema.SECTION) or {}).get("simulation_truth")
         if truth:
             store_simulation_truth(self.client, self.registry.get(truth["sample"]["sample_id"]))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 
 from ..core.geometry import ObjectGrid
+from ..core.metadata import jsonable
 from ..core.stitching import StitchedImage
 
 
@@ -19,7 +20,7 @@ def write_result(path: str | Path, image: StitchedImage, metadata: dict) -> Path
             f.create_dataset(name, data=getattr(image, name), compression="lzf")
         f.attrs["grid"] = json.dumps(image.grid.as_metadata())
         f.attrs["frames"] = image.frames
-        f.attrs["metadata"] = json.dumps(metadata, default=str)
+        f.attrs["metadata"] = json.dumps(jsonable(metadata))
     return path
 
 
