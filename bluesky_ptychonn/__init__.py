@@ -1,7 +1,10 @@
 """bluesky-ptychonn: live PtychoNN ptychography reconstruction for Bluesky and Tiled.
 
 Importing the package is cheap: torch, bluesky and tiled are imported only by the modules that
-need them (``inference``, ``training``, ``network``, the Bluesky/Tiled edge).
+need them. The layers, from the bottom up: ``core`` (the method), ``sim`` (the physics
+simulator), ``files`` and ``schema`` (HDF5 files; the start-document section), ``acquisition``
+and ``live`` (devices and plan; the document callback), ``archive`` (Tiled servers, replay,
+training from runs) and ``cli``; see the README's Layout section.
 """
 
 from .errors import (

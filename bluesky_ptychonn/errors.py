@@ -37,3 +37,11 @@ class DataPathError(PtychoNNError, PermissionError):
 
 class RunError(PtychoNNError, LookupError):
     """An archived run is missing, not a ptychography run, or lacks what is needed."""
+
+
+class DocumentEncodeError(PtychoNNError, TypeError):
+    """A Bluesky document holds a value the 0MQ wire format cannot carry (an object array, a set)."""
+
+
+class DocumentDecodeError(PtychoNNError, ValueError):
+    """A 0MQ message is not a document in the wire format (a pickle, truncated, too large, a bad array)."""
