@@ -3,6 +3,9 @@
 Run it on the analysis machine next to a ``bluesky-0MQ-proxy``::
 
     TILED_API_KEY=... python callbacks/launch_consumer.py [--config other.toml]
+
+The RunEngine side publishes with msgpack (``ipython_publisher.py``); pickled messages are dropped.
+The API key comes from the environment only, never from the file or the command line.
 """
 
 import sys

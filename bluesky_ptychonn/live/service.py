@@ -1,14 +1,22 @@
 """The out-of-process consumer: ``bluesky-ptychonn consume --config <file>``.
 
 It subscribes a :class:`~bluesky_ptychonn.live.callback.PtychoNNCallback` to a ``bluesky-0MQ-proxy``
-(``RemoteDispatcher``), so the RunEngine's process never runs the analysis. The configuration is
-a TOML file (see ``callbacks/ptychonn.toml``)::
+(``RemoteDispatcher``), so the RunEngine's process never runs the analysis. Documents cross the
+proxy in the msgpack format of :mod:`bluesky_ptychonn.live.wire`, never as pickles.
+
+The configuration is a TOML file (see ``callbacks/ptychonn.toml``)::
 
     [model]     checkpoint = "...", device = "auto", reload_interval_s = 10
     [tiled]     uri = "http://127.0.0.1:8000", api_key_env = "TILED_API_KEY"
-    [zmq]       address = "tcp://127.0.0.1:5578"
+    [zmq]       address = "tcp://127.0.0.1:5578", publish_address = "tcp://127.0.0.1:5577"
     [callback]  data_roots = ["/data"], frames_key = "diffraction", ...  (CallbackConfig)
     [live]      batch_size = 64, publish_interval_s = 1.0, ...            (LiveOptions)
+
+Any key can be overridden from the environment, ``PTYCHONN_<TABLE>__<KEY>`` (for example
+``PTYCHONN_TILED__URI``, ``PTYCHONN_LIVE__BATCH_SIZE``; lists and tables as JSON). Keyword
+arguments of :func:`load_config` win over the environment, which wins over the file. Relative
+paths in the file resolve against the file's folder. The Tiled API key is never written in the
+file: it comes from the environment variable that ``api_key_env`` names (``$TILED_API_KEY``).
 
 A new checkpoint written at the configured path is picked up without a restart (checked every
 ``reload_interval_s``; runs in progress keep their model).
@@ -16,90 +24,224 @@ A new checkpoint written at the configured path is picked up without a restart (
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
+from ..core.config import Frozen
 from ..core.engine import LiveOptions
-from ..errors import CheckpointError, ConfigurationError
+from ..errors import CheckpointError, ConfigurationError, DocumentDecodeError
 from .callback import CallbackConfig, PtychoNNCallback
+from .wire import deserialize
 
 logger = logging.getLogger(__name__)
 
+#: Prefix of the environment variables that override the file, nested keys joined by ``__``.
+ENV_PREFIX = "PTYCHONN_"
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
+class ModelSection(Frozen):
+    """``[model]``: which checkpoint the consumer runs, where, and how it notices a new one."""
 
-class ModelSection(_Section):
     checkpoint: Path = Field(description="The model to load (safetensors checkpoint).")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:n]'.")
     reload_interval_s: float = Field(10.0, ge=0, description="How often to look for a new checkpoint; 0 never.")
 
 
-class TiledSection(_Section):
+class TiledSection(Frozen):
+    """``[tiled]``: the server the results are written to, and where its API key comes from."""
+
     uri: str = Field(description="Tiled server root URI.")
     api_key_env: str = Field("TILED_API_KEY", description="Environment variable holding the API key (writes need one).")
+    api_key: SecretStr | None = Field(
+        None,
+        exclude=True,  # never dumped into metadata or a file with the rest of the configuration
+        description="The API key; read from $api_key_env when not given. Refused in a configuration file.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_from_environment(cls, data: Any) -> Any:
+        # The indirection keeps the secret out of the file, which gets copied, committed and shared.
+        if isinstance(data, dict) and data.get("api_key") is None:
+            name = data.get("api_key_env", cls.model_fields["api_key_env"].default)
+            if isinstance(name, str) and os.environ.get(name):
+                data = {**data, "api_key": os.environ[name]}
+        return data
 
 
-class ZmqSection(_Section):
-    address: str = Field("tcp://127.0.0.1:5578", description="The proxy's output (subscriber) address.")
-    prefix: str = Field("", description="0MQ topic prefix, as given to the Publisher.")
+class ZmqSection(Frozen):
+    """``[zmq]``: the two sides of the ``bluesky-0MQ-proxy``."""
+
+    address: str = Field("tcp://127.0.0.1:5578", description="The proxy's output address, where the consumer listens.")
+    publish_address: str = Field(
+        "tcp://127.0.0.1:5577",
+        description="The proxy's input address, where the RunEngine's Publisher sends (see callbacks/).",
+    )
+    prefix: str = Field("", pattern=r"^[^ ]*$", description="0MQ topic prefix, as given to the Publisher; no spaces.")
 
 
-class ServiceConfig(_Section):
-    """The whole consumer configuration."""
+#: The configuration file being loaded; read by :meth:`ServiceConfig.settings_customise_sources`,
+#: which pydantic-settings calls without a way to pass the path given at run time.
+_config_file: ContextVar[Path | None] = ContextVar("ptychonn_config_file", default=None)
 
-    model: ModelSection
-    tiled: TiledSection | None = None
-    zmq: ZmqSection = Field(default_factory=ZmqSection)
-    callback: dict[str, Any] = Field(default_factory=dict)
-    live: dict[str, Any] = Field(default_factory=dict)
+
+class _ConfigFileSource(TomlConfigSettingsSource):
+    """The TOML file, with relative paths resolved against its folder and a written API key refused."""
+
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
+        data = super()._read_file(file_path)
+        tiled = data.get("tiled")
+        if isinstance(tiled, dict) and any(key.lower() == "api_key" for key in tiled):
+            env = tiled.get("api_key_env", TiledSection.model_fields["api_key_env"].default)
+            raise ConfigurationError(
+                f"{file_path}: [tiled] api_key must not be written in a configuration file; "
+                f"remove it and set ${env} in the consumer's environment"
+            )
+        base = file_path.resolve().parent
+        model = data.get("model")
+        if isinstance(model, dict) and isinstance(model.get("checkpoint"), str):
+            model["checkpoint"] = str(base / model["checkpoint"])
+        callback = data.get("callback")
+        if isinstance(callback, dict) and isinstance(callback.get("data_roots"), list):
+            callback["data_roots"] = [str(base / r) if isinstance(r, str) else r for r in callback["data_roots"]]
+        return data
+
+
+class ServiceConfig(BaseSettings, Frozen):
+    """The whole consumer configuration: arguments, then ``PTYCHONN_*`` variables, then the file."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False
+    )
+
+    model: ModelSection = Field(description="The checkpoint and its reloading.")
+    tiled: TiledSection | None = Field(None, description="Where results are written; None keeps them in memory.")
+    zmq: ZmqSection = Field(default_factory=ZmqSection, description="The proxy's addresses.")
+    callback: CallbackConfig = Field(
+        default_factory=CallbackConfig, description="Data keys and data roots ([live] holds the live policy)."
+    )
+    live: LiveOptions = Field(default_factory=LiveOptions, description="Batching, cadence and retry policy.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then the file being loaded (no ``.env`` or secrets folder)."""
+        path = _config_file.get()
+        sources = (init_settings, env_settings)
+        return sources if path is None else (*sources, _ConfigFileSource(settings_cls, toml_file=path))
+
+    @model_validator(mode="after")
+    def _live_in_one_place(self) -> ServiceConfig:
+        if "live" in self.callback.model_fields_set:
+            raise ValueError("the live options belong in the [live] table, not in [callback]")
+        return self
 
     def callback_config(self) -> CallbackConfig:
-        """The callback's configuration, with paths relative to nothing (absolute as written)."""
-        return CallbackConfig(**self.callback, live=LiveOptions(**self.live))
+        """The callback's configuration: ``[callback]`` with ``[live]`` as its live policy."""
+        return self.callback.model_copy(update={"live": self.live})
 
 
-def load_config(path: str | Path) -> ServiceConfig:
-    """Read and validate a TOML service configuration; relative paths resolve against its folder."""
+def _describe(err: ValidationError) -> str:
+    """pydantic's errors without the inputs that could hold a secret (a whole table, the key)."""
+    lines = []
+    for error in err.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        value = error.get("input")
+        secret = any("api_key" in str(part).lower() for part in error["loc"])
+        # A scalar names the bad value; a table may carry the key; an unknown key may be a misspelt one.
+        shown = not secret and error["type"] != "extra_forbidden" and isinstance(value, str | int | float | bool)
+        lines.append(f"{where}{f' = {value!r}' if shown else ''}: {error['msg']}")
+    return "; ".join(lines)
+
+
+def _overrides_note() -> str:
+    """The names (never the values) of the ``PTYCHONN_*`` variables that override the file."""
+    names = sorted(name for name in os.environ if name.upper().startswith(ENV_PREFIX))
+    return f" (environment overrides: {', '.join(names)})" if names else ""
+
+
+def load_config(path: str | Path, **overrides: Any) -> ServiceConfig:
+    """Read and validate a TOML service configuration, with environment and keyword overrides.
+
+    Parameters
+    ----------
+    path : str or Path
+        The TOML file; relative paths in it resolve against its folder.
+    **overrides
+        Top-level tables (``model=``, ``zmq=``, ...) as dicts; they win over the environment and the
+        file, key by key.
+
+    Returns
+    -------
+    ServiceConfig
+        The validated configuration; ``tiled.api_key`` is taken from ``$<tiled.api_key_env>``.
+
+    Raises
+    ------
+    ConfigurationError
+        The file is missing, not TOML, holds an API key, or a value (from the file or the
+        environment) is invalid. The message names the file and the bad key, never the API key.
+    """
     path = Path(path)
+    if not path.is_file():  # pydantic-settings skips a missing file silently
+        raise ConfigurationError(f"the service configuration {path} does not exist or is not a file")
+    token = _config_file.set(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        return ServiceConfig(**overrides)
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigurationError(f"cannot read the service configuration {path}: {err}") from err
-    base = path.resolve().parent
-    if "model" in raw and "checkpoint" in raw["model"]:
-        raw["model"]["checkpoint"] = str(base / raw["model"]["checkpoint"])
-    if "callback" in raw and "data_roots" in raw["callback"]:
-        raw["callback"]["data_roots"] = [str(base / r) for r in raw["callback"]["data_roots"]]
-    try:
-        config = ServiceConfig(**raw)
-        config.callback_config()
-    except (ValueError, TypeError) as err:
-        raise ConfigurationError(f"invalid service configuration {path}: {err}") from err
-    return config
+    except ValidationError as err:
+        raise ConfigurationError(
+            f"invalid service configuration {path}{_overrides_note()}: {_describe(err)}"
+        ) from None  # the chained pydantic error would print the raw inputs again
+    except SettingsError as err:  # an environment value that is not valid JSON for a list or table
+        raise ConfigurationError(f"invalid service configuration {path}{_overrides_note()}: {err}") from err
+    finally:
+        _config_file.reset(token)
 
 
 def tiled_client(section: TiledSection | None) -> Any:
-    """A Tiled client with the API key from the environment (None without a [tiled] section)."""
+    """A Tiled client authenticated with the section's API key (None without a [tiled] section)."""
     if section is None:
         return None
     from tiled.client import from_uri
 
-    api_key = os.environ.get(section.api_key_env)
-    if not api_key:
+    if section.api_key is None:
         raise ConfigurationError(f"Tiled writes need an API key: set ${section.api_key_env}")
-    return from_uri(section.uri, api_key=api_key)
+    return from_uri(section.uri, api_key=section.api_key.get_secret_value())
 
 
 class ModelWatcher:
-    """Swaps the callback's model when the checkpoint file changes (a fine-tuned model lands)."""
+    """Swaps the callback's model when the checkpoint file changes (a fine-tuned model lands).
+
+    Parameters
+    ----------
+    callback : PtychoNNCallback
+        The callback whose model is swapped; runs in progress keep theirs.
+    section : ModelSection
+        The checkpoint path, the device, and how often to look (0 never: call :meth:`check`).
+    """
 
     def __init__(self, callback: PtychoNNCallback, section: ModelSection) -> None:
         self.callback, self.section = callback, section
@@ -114,6 +256,7 @@ class ModelWatcher:
             return 0.0
 
     def start(self) -> ModelWatcher:
+        """Look for a new checkpoint every ``reload_interval_s`` on a daemon thread; returns self."""
         if self.section.reload_interval_s > 0:
             self._thread.start()
         return self
@@ -144,6 +287,7 @@ class ModelWatcher:
             self.check()
 
     def stop(self) -> None:
+        """Stop looking (the thread ends within one interval)."""
         self._stop.set()
 
 
@@ -155,20 +299,84 @@ def build_callback(config: ServiceConfig) -> PtychoNNCallback:
     return PtychoNNCallback(predictor, tiled_client(config.tiled), config.callback_config())
 
 
+def _deserialize_or_report(data: bytes) -> dict[str, Any]:
+    """:func:`~bluesky_ptychonn.live.wire.deserialize`, logging a refused message before bluesky drops it."""
+    try:
+        return deserialize(data)
+    except DocumentDecodeError as err:
+        logger.warning("dropped a 0MQ message that is not a document: %s", err)
+        raise
+
+
+def _cancel_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the dispatcher's receive task; called in the loop's own thread."""
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+
+
+class Consumer:
+    """The service: one callback and model watcher, fed by a ``RemoteDispatcher`` on the proxy.
+
+    Parameters
+    ----------
+    config : ServiceConfig
+        The validated configuration.
+    callback : PtychoNNCallback, optional
+        The callback to feed; built from ``config`` (model loaded, Tiled connected) when omitted.
+    """
+
+    def __init__(self, config: ServiceConfig, callback: PtychoNNCallback | None = None) -> None:
+        self.config = config
+        self.callback = callback if callback is not None else build_callback(config)
+        self.watcher = ModelWatcher(self.callback, config.model)
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self) -> None:
+        """Dispatch documents until :meth:`stop` or Ctrl-C.
+
+        bluesky's dispatcher drops a message it cannot decode but ends on one whose document name
+        is unknown (a ``KeyError`` out of its receive loop); such a message must not end the
+        service, so a fresh dispatcher takes over (documents sent while it connects are lost).
+        """
+        from bluesky.callbacks.zmq import RemoteDispatcher
+
+        zmq = self.config.zmq
+        self.watcher.start()
+        logger.info("service configuration: %r", self.config)
+        logger.warning(
+            "consuming documents from %s with model %s", zmq.address, self.callback.predictor.info.content_hash[:12]
+        )
+        try:
+            while not self._stopping.is_set():
+                dispatcher = RemoteDispatcher(
+                    zmq.address, prefix=zmq.prefix.encode(), deserializer=_deserialize_or_report
+                )
+                dispatcher.subscribe(self.callback)
+                self._loop = dispatcher.loop
+                if self._stopping.is_set():  # stop() may have seen the previous, closed loop
+                    dispatcher.stop()
+                    break
+                try:
+                    dispatcher.start()
+                except (KeyboardInterrupt, asyncio.CancelledError):
+                    break
+                except KeyError as err:
+                    logger.error("0MQ message with unknown document name %s dropped; dispatcher restarted", err)
+        finally:
+            self.watcher.stop()
+
+    def stop(self) -> None:
+        """End :meth:`run` from any thread (it returns once the dispatcher has closed its socket)."""
+        self._stopping.set()
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(_cancel_tasks, loop)
+            except RuntimeError:  # the loop is already closed: run() is ending anyway
+                pass
+
+
 def consume(config: ServiceConfig) -> None:
     """Subscribe to the 0MQ proxy and reconstruct every ptychography run until interrupted."""
-    from bluesky.callbacks.zmq import RemoteDispatcher
-
-    callback = build_callback(config)
-    watcher = ModelWatcher(callback, config.model).start()
-    dispatcher = RemoteDispatcher(config.zmq.address, prefix=config.zmq.prefix.encode())
-    dispatcher.subscribe(callback)
-    logger.warning(
-        "consuming documents from %s with model %s", config.zmq.address, callback.predictor.info.content_hash[:12]
-    )
-    try:
-        dispatcher.start()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        watcher.stop()
+    Consumer(config).run()

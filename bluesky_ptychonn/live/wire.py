@@ -18,7 +18,6 @@ their type.
 from __future__ import annotations
 
 import math
-import pickle
 from typing import Any
 
 import msgpack
@@ -63,6 +62,8 @@ def _encode(value: Any) -> msgpack.ExtType:
         return msgpack.ExtType(NDARRAY_EXT, _array_payload(value))
     if isinstance(value, np.generic):
         return msgpack.ExtType(SCALAR_EXT, _array_payload(value))
+    if isinstance(value, int):  # msgpack hands over only the ints it cannot pack
+        raise DocumentEncodeError(f"integer {value} is outside the 64-bit range of the 0MQ wire format")
     raise DocumentEncodeError(
         f"a {type(value).__module__}.{type(value).__qualname__} value cannot cross the 0MQ wire: documents "
         "hold only JSON-like values (dict, list, str, int, float, bool, None) and numpy arrays"
@@ -141,8 +142,12 @@ def _decode(code: int, payload: bytes) -> Any:
 
 
 def _looks_like_pickle(data: bytes) -> bool:
-    """True for the opening of a pickle of protocol 2 or later (PROTO opcode then the version)."""
-    return len(data) >= 2 and data[0] == pickle.PROTO[0] and 2 <= data[1] <= pickle.HIGHEST_PROTOCOL
+    """True for the opening of a pickle of protocol 2 to 5: the PROTO opcode (0x80), then the version.
+
+    Only to say why a message is refused: msgpack reads 0x80 as an empty map followed by extra
+    bytes, which it refuses anyway, and older pickle protocols fail as msgpack too.
+    """
+    return len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5
 
 
 def deserialize(data: bytes) -> dict[str, Any]:
