@@ -5,13 +5,16 @@ Subscribing is one line::
     RE.subscribe(PtychoNNCallback.from_checkpoint("model.safetensors", tiled_client, data_roots=["/data"]))
 
 One :class:`PtychoNNCallback` per process holds the loaded model; a ``RunRouter`` factory makes
-one :class:`RunReconstructor` per run. Runs without the configured frame and position data keys
-are ignored after their descriptor. Frames come from StreamResource/StreamDatum (HDF5, SWMR,
-only inside the data roots), from legacy Resource/Datum, or inline in Event/EventPage; they are
-matched to positions by frame id, never by arrival order.
+one :class:`RunReconstructor` per run, an event-model ``DocumentRouter`` (which packs Events into
+EventPages and unpacks DatumPages into Datums for it). Runs without the configured frame and
+position data keys are ignored after their descriptor. Frames come from StreamResource/StreamDatum
+or legacy Resource/Datum (read as :mod:`~bluesky_ptychonn.live.frames` describes, only inside the
+data roots), or inline in Event/EventPage; they are matched to positions by stream index and frame
+id, never by arrival order.
 
-Failure policy: every document handler is guarded. An exception is logged and recorded in the
-result's metadata; the RunEngine never sees it (bluesky aborts a run when a callback raises).
+Failure policy: an exception in any document handler is recorded in the result's metadata, then
+logged and suppressed by bluesky's ``make_class_safe``; the RunEngine never sees it (bluesky aborts
+a run when a callback raises) unless ``BLUESKY_DEBUG_CALLBACKS`` is set, bluesky's debugging switch.
 """
 
 from __future__ import annotations
@@ -19,13 +22,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bluesky.callbacks.core import make_class_safe
 from event_model import DocumentRouter, RunRouter
+from event_model.documents import (
+    Datum,
+    EventDescriptor,
+    EventPage,
+    Resource,
+    RunStart,
+    RunStop,
+    StreamDatum,
+    StreamResource,
+)
 from pydantic import Field
 
 from .. import __version__, schema
@@ -33,7 +45,8 @@ from ..core.config import Frozen
 from ..core.engine import LiveOptions, LiveReconstruction
 from ..core.geometry import GRID_MARGIN_PIXELS
 from ..errors import RunError
-from ..files.readers import DataRoots, HDF5Reader
+from ..files.readers import DataRoots
+from .frames import DatumFrames, StreamFrames, per_point, stream_indices
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +67,27 @@ class CallbackConfig(Frozen):
     live: LiveOptions = Field(default_factory=LiveOptions, description="Batching, cadence and retry policy.")
 
 
-def _guarded(method: Callable) -> Callable:
-    """Log and record any exception of a document handler instead of raising it."""
-
-    @wraps(method)
-    def guarded(self: RunReconstructor, doc: dict) -> Any:
-        try:
-            return method(self, doc)
-        except Exception as err:
-            self.fail(f"{method.__name__} document: {err!r}")
-            return None
-
-    return guarded
-
-
+@make_class_safe(logger=logger)
 class RunReconstructor(DocumentRouter):
-    """Per-run document router: decode, delegate to the live reconstruction, record."""
+    """Per-run document router: decode, delegate to the live reconstruction, record.
 
-    def __init__(self, owner: PtychoNNCallback, start: dict) -> None:
+    Parameters
+    ----------
+    owner : PtychoNNCallback
+        The process-wide callback: model, Tiled client and configuration.
+    start : RunStart
+        The run's start document.
+
+    Notes
+    -----
+    ``__call__`` records an exception of any handler with :meth:`fail` and re-raises it for
+    bluesky's ``make_class_safe`` to log and suppress. ``event`` and ``datum_page`` are left
+    undefined on purpose: event-model's router then packs an Event into an EventPage for
+    :meth:`event_page` and unpacks a DatumPage into Datums for :meth:`datum`. The handlers return
+    None or their document unchanged, which the router passes on; never ``NotImplemented``.
+    """
+
+    def __init__(self, owner: PtychoNNCallback, start: RunStart) -> None:
         super().__init__()
         self.owner = owner
         self.config = owner.config
@@ -80,16 +96,48 @@ class RunReconstructor(DocumentRouter):
         self.live: LiveReconstruction | None = None
         self.active = False
         self.errors: list[str] = []
-        self._descriptors: set[str] = set()
-        self._stream_resources: dict[str, dict] = {}
-        self._resources: dict[str, dict] = {}
-        self._datums: dict[str, dict] = {}
-        self._reader = HDF5Reader(DataRoots(self.config.data_roots))
-        # Rows that arrived per frame index, until frame, position (and id) are all there.
+        self.roles = {self.config.frames_key: "frames", self.config.positions_key: "positions"}
+        if self.config.frame_id_key:
+            self.roles[self.config.frame_id_key] = "ids"
+        self._descriptors: dict[str, EventDescriptor] = {}
+        roots = DataRoots(self.config.data_roots)
+        self._stream_frames = StreamFrames(roots, self.roles)
+        self._datum_frames = DatumFrames(roots, self.roles)
+        # Rows that arrived per stream index, until frame, position (and id) are all there.
         self._pending: dict[str, dict[int, Any]] = {"frames": {}, "positions": {}, "ids": {}}
 
+    def __call__(self, name: str, doc: dict, validate: bool = False) -> tuple[str, dict]:
+        """Route one document to its handler; a failure is recorded here, then raised.
+
+        Parameters
+        ----------
+        name : str
+            The document's name (``"descriptor"``, ``"stream_datum"``, ...).
+        doc : dict
+            The document.
+        validate : bool
+            Validate the documents coming out (event-model's option; not needed here).
+
+        Returns
+        -------
+        tuple of (str, dict)
+            The name and the document, as event-model's routers return them.
+        """
+        try:
+            return super().__call__(name, doc, validate)
+        except Exception as err:
+            cause = f" (caused by {err.__cause__!r})" if err.__cause__ is not None else ""
+            self.fail(f"{name} document: {err!r}{cause}")
+            raise
+
     def fail(self, message: str) -> None:
-        """Record an error; it goes into the result's metadata when there is a result."""
+        """Record an error; it goes into the result's metadata when there is a result.
+
+        Parameters
+        ----------
+        message : str
+            What went wrong, naming the bad value.
+        """
         self.errors.append(message)
         if self.live is not None:
             self.live.record_error(message)
@@ -98,15 +146,16 @@ class RunReconstructor(DocumentRouter):
 
     # -- documents --------------------------------------------------------------------------
 
-    @_guarded
-    def descriptor(self, doc: dict) -> None:
+    def descriptor(self, doc: EventDescriptor) -> None:
+        """Start the reconstruction at the first descriptor of the frames stream."""
         keys = doc.get("data_keys", {})
         if doc.get("name") != self.config.stream_name or self.config.frames_key not in keys:
             return
         if self.config.positions_key not in keys:
             self.fail(f"stream {doc.get('name')!r} has frames but no {self.config.positions_key!r} data key")
             return
-        self._descriptors.add(doc["uid"])
+        self._descriptors[doc["uid"]] = doc
+        self._datum_frames.descriptor(doc)
         if self.live is None:
             try:
                 self._begin()
@@ -157,102 +206,78 @@ class RunReconstructor(DocumentRouter):
             self.live.record_error(message)
         self.active = True
 
-    @_guarded
-    def stream_resource(self, doc: dict) -> None:
-        if doc.get("data_key") in self._roles():
-            self._stream_resources[doc["uid"]] = doc
+    def stream_resource(self, doc: StreamResource) -> None:
+        """Keep a StreamResource of the frames, positions or ids (refused if outside the data roots)."""
+        self._stream_frames.stream_resource(doc)
 
-    @_guarded
-    def stream_datum(self, doc: dict) -> None:
-        resource = self._stream_resources.get(doc["stream_resource"])
-        if resource is None or not self.active:
+    def stream_datum(self, doc: StreamDatum) -> None:
+        """Read the rows a StreamDatum announces and match them by stream index."""
+        descriptor = self._descriptors.get(doc["descriptor"])
+        if descriptor is None or not self.active:
             return
-        start, stop = doc["indices"]["start"], doc["indices"]["stop"]
-        rows = self._reader.read(resource["uri"], resource["parameters"]["dataset"], start, stop)
-        self._arrive(self._roles()[resource["data_key"]], np.arange(start, stop), rows)
+        read = self._stream_frames.read(doc, descriptor)
+        if read is None:
+            return
+        key, rows = read
+        role = self.roles[key]
+        self._arrive(role, stream_indices(doc), per_point(role, rows))
 
-    @_guarded
-    def resource(self, doc: dict) -> None:
-        self._resources[doc["uid"]] = doc
+    def resource(self, doc: Resource) -> None:
+        """Keep a legacy Resource for the Filler (refused if its file lies outside the data roots)."""
+        self._datum_frames.resource(doc)
 
-    @_guarded
-    def datum(self, doc: dict) -> None:
-        self._datums[doc["datum_id"]] = doc
+    def datum(self, doc: Datum) -> Datum:
+        """Keep a legacy Datum for the Filler.
 
-    @_guarded
-    def datum_page(self, doc: dict) -> None:
-        for i, datum_id in enumerate(doc["datum_id"]):
-            self._datums[datum_id] = {
-                "datum_id": datum_id,
-                "resource": doc["resource"],
-                "datum_kwargs": {k: v[i] for k, v in doc["datum_kwargs"].items()},
-            }
+        Returns
+        -------
+        Datum
+            ``doc``, unchanged (event-model types this handler, unlike most, as returning it).
+        """
+        self._datum_frames.datum(doc)
+        return doc
 
-    @_guarded
-    def event_page(self, doc: dict) -> None:
+    def event_page(self, doc: EventPage) -> EventPage:
+        """Fill the page's external frames from their files and match its rows by stream index.
+
+        Returns
+        -------
+        EventPage
+            ``doc``, unchanged (the filled copy stays here; event-model types this handler as
+            returning the page).
+        """
         if doc["descriptor"] not in self._descriptors or not self.active:
-            return
-        seq = np.asarray(doc["seq_num"])
-        index = seq - 1  # the stream index of an event
-        for key, role in self._roles().items():
-            if key not in doc["data"]:
-                continue
-            values = doc["data"][key]
-            filled = doc.get("filled", {}).get(key, True)
-            if isinstance(filled, list):
-                filled = all(filled)
-            rows = (
-                self._resolve_datums(values) if not filled or (len(values) and isinstance(values[0], str)) else values
+            return doc
+        page = self._datum_frames.fill(doc)
+        if page is None:
+            return doc
+        index = np.asarray(page["seq_num"]) - 1  # the stream index of an event
+        for key, role in self.roles.items():
+            if key in page["data"]:
+                self._arrive(role, index, per_point(role, np.asarray(page["data"][key])))
+        return doc
+
+    def stop(self, doc: RunStop) -> None:
+        """Finish the reconstruction with the run's exit status and close the run's files."""
+        try:
+            if self.live is None:
+                return
+            status = {"success": "complete", "abort": "aborted", "fail": "failed"}.get(
+                str(doc.get("exit_status")), "failed"
             )
-            self._arrive(role, index, np.asarray(rows))
-
-    @_guarded
-    def event(self, doc: dict) -> None:
-        # Events are rare here (one per frame caps a scan near 1 kHz) but accepted.
-        page = {
-            k: [v] if k not in ("data", "timestamps", "filled") else {kk: [vv] for kk, vv in v.items()}
-            for k, v in doc.items()
-            if k != "descriptor"
-        }
-        page["descriptor"] = doc["descriptor"]
-        self.event_page(page)
-
-    @_guarded
-    def stop(self, doc: dict) -> None:
-        self._reader.close()
-        if self.live is None:
-            return
-        status = {"success": "complete", "abort": "aborted", "fail": "failed"}.get(
-            str(doc.get("exit_status")), "failed"
-        )
-        if self.errors and status == "complete" and self.live.metadata["frames_done"] == 0:
-            status = "failed"
-        self.live.finish(
-            status,
-            exit_status=doc.get("exit_status"),
-            reason=doc.get("reason", ""),
-            frames_pending=sum(len(v) for v in self._pending.values()),
-        )
+            if self.errors and status == "complete" and self.live.metadata["frames_done"] == 0:
+                status = "failed"
+            self.live.finish(
+                status,
+                exit_status=doc.get("exit_status"),
+                reason=doc.get("reason", ""),
+                frames_pending=sum(len(v) for v in self._pending.values()),
+            )
+        finally:
+            self._stream_frames.close()
+            self._datum_frames.close()
 
     # -- frame matching ---------------------------------------------------------------------
-
-    def _roles(self) -> dict[str, str]:
-        roles = {self.config.frames_key: "frames", self.config.positions_key: "positions"}
-        if self.config.frame_id_key:
-            roles[self.config.frame_id_key] = "ids"
-        return roles
-
-    def _resolve_datums(self, datum_ids: list[str]) -> np.ndarray:
-        """Legacy Resource/Datum: read each datum's frame from its resource's HDF5 file."""
-        rows = []
-        for datum_id in datum_ids:
-            datum = self._datums[datum_id]
-            resource = self._resources[datum["resource"]]
-            path = str(Path(resource.get("root", "/")) / resource["resource_path"])
-            dataset = resource.get("resource_kwargs", {}).get("dataset", "/entry/data/data")
-            point = int(datum["datum_kwargs"].get("point_number", datum["datum_kwargs"].get("index", 0)))
-            rows.append(self._reader.read(path, dataset, point, point + 1)[0])
-        return np.stack(rows)
 
     def _arrive(self, role: str, index: np.ndarray, rows: np.ndarray) -> None:
         """Store rows by stream index; submit every index whose frame, position and id are all in."""
@@ -273,6 +298,7 @@ class RunReconstructor(DocumentRouter):
         self.live.submit(ids, frames, positions)
 
 
+@make_class_safe(logger=logger)
 class PtychoNNCallback:
     """Subscribe this to a RunEngine (or a 0MQ ``RemoteDispatcher``): one model, one reconstructor per run.
 
@@ -283,6 +309,13 @@ class PtychoNNCallback:
     client : tiled.client.container.Container or None
         Tiled root to write ``processed/<uid>/ptychonn`` into (None: keep results in memory only).
     config : CallbackConfig
+        Data keys, data roots and the live policy (defaults: :class:`CallbackConfig`).
+
+    Notes
+    -----
+    A document that cannot even be routed (no run, not a document) is recorded in its run when
+    there is one, then logged and suppressed by bluesky's ``make_class_safe``, like a failure in
+    a run's own handlers.
     """
 
     def __init__(self, predictor: Any, client: Any, config: CallbackConfig | None = None) -> None:
@@ -297,13 +330,31 @@ class PtychoNNCallback:
     def from_checkpoint(
         cls, checkpoint: str | Path, client: Any, *, device: str = "auto", **config: Any
     ) -> PtychoNNCallback:
-        """Load a checkpoint (validated, never unpickled) and build the callback."""
+        """Load a checkpoint (validated, never unpickled) and build the callback.
+
+        Parameters
+        ----------
+        checkpoint : str or Path
+            The safetensors checkpoint.
+        client : tiled.client.container.Container or None
+            Where results go (None: in memory only).
+        device : str
+            ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        **config
+            Fields of :class:`CallbackConfig`.
+        """
         from ..core.inference import Predictor
 
         return cls(Predictor.from_checkpoint(checkpoint, device=device), client, CallbackConfig(**config))
 
     def sink_for(self, uid: str) -> Any:
-        """The Tiled sink of one run (None without a client)."""
+        """The Tiled sink of run ``uid``'s result (None without a client).
+
+        Parameters
+        ----------
+        uid : str
+            The raw run's uid.
+        """
         if self.client is None:
             return None
         from .sink import TiledSink
@@ -311,29 +362,54 @@ class PtychoNNCallback:
         return TiledSink(self.client, uid)
 
     def set_predictor(self, predictor: Any) -> None:
-        """Use a new model from the next run on (runs in progress keep theirs)."""
+        """Use a new model from the next run on (runs in progress keep theirs).
+
+        Parameters
+        ----------
+        predictor : bluesky_ptychonn.core.inference.Predictor
+            The new model.
+        """
         self.predictor = predictor
 
-    def _factory(self, name: str, start: dict) -> tuple[list, list]:
+    def _factory(self, name: str, start: RunStart) -> tuple[list, list]:
         run = RunReconstructor(self, start)
         self.runs[start["uid"]] = run
         return [run], []
 
     def __call__(self, name: str, doc: dict) -> None:
-        """Route one document; never raises (a malformed or out-of-order document is logged)."""
+        """Route one document; a malformed or out-of-order one is recorded and logged, never raised.
+
+        Parameters
+        ----------
+        name : str
+            The document's name, as the RunEngine emits it.
+        doc : dict
+            The document.
+        """
         try:
             with self._lock:
                 self._router(name, doc)
         except Exception as err:
-            uid = doc.get("run_start") or doc.get("uid") if isinstance(doc, dict) else None
+            uid = (doc.get("run_start") or doc.get("uid")) if isinstance(doc, dict) else None
             run = self.runs.get(uid) if isinstance(uid, str) else None
-            message = f"could not route a {name!r} document: {err!r}"
             if run is not None:
-                run.fail(message)
-            else:
-                logger.error(message)
+                run.fail(f"could not route a {name!r} document: {err!r}")
+            raise
 
     def wait(self, uid: str, timeout: float | None = None) -> bool:
-        """Block until run ``uid``'s final image is written; True if it was."""
+        """Block until run ``uid``'s final image is written.
+
+        Parameters
+        ----------
+        uid : str
+            The raw run's uid.
+        timeout : float or None
+            Seconds to wait at most (None: no limit).
+
+        Returns
+        -------
+        bool
+            True if the final image was written.
+        """
         run = self.runs.get(uid)
         return bool(run and run.live and run.live.wait(timeout))
