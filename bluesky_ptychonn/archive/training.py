@@ -53,7 +53,7 @@ def training_set_from_runs(
     ----------
     catalog : databroker.client.CatalogOfBlueskyRuns
     uids_or_queries : iterable
-        As for :func:`~bluesky_ptychonn.archive.replay.select`: uids, queries, tuples of queries.
+        As for :func:`~bluesky_ptychonn.archive.runs.select`: uids, queries, tuples of queries.
     label_source : {"iterative", "truth"}
     lines : float
         Use the frames on the first ``lines`` fraction of each run's scan lines (the paper: 100 lines).
@@ -69,7 +69,7 @@ def training_set_from_runs(
     Raises
     ------
     RunError
-        Any selection or run problem (see :func:`~bluesky_ptychonn.archive.replay.select`), runs of different
+        Any selection or run problem (see :func:`~bluesky_ptychonn.archive.runs.select`), runs of different
         frame sizes or pixel sizes, no truth or no probe for the chosen labels; each names the run.
     ConfigurationError
         ``recipe`` does not fit the runs.
