@@ -47,14 +47,15 @@ def child_container(
     Another writer may create the same key between the check and the creation (two consumers,
     replay beside live); the server then refuses ours and the existing node is returned.
     """
-    if key in parent:
-        return parent[key]
-    try:
-        return parent.create_container(key, metadata=metadata or {}, specs=specs or [])
-    except Exception:
-        if key in parent:
-            return parent[key]
-        raise
+    if key not in parent:
+        try:
+            parent.create_container(key, metadata=metadata or {}, specs=specs or [])
+        except Exception:
+            if key not in parent:
+                raise
+    # Looked up rather than the node create_container returns: the lookup gives the client class
+    # of the node's specs (a CatalogOfBlueskyRuns for ``raw``) and its canonical URI.
+    return parent[key]
 
 
 def run_results(client: Any, raw_uid: str) -> Any:

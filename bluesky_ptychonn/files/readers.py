@@ -94,7 +94,7 @@ class AreaDetectorHDF5Handler:
             raise ScanFileError(f"frame_per_point must be at least 1, got {frame_per_point!r} for {filename}")
         self.path = self.data_roots.resolve(filename)
         self.frame_per_point = int(frame_per_point)
-        self._file = _open(self.path)
+        self._file = open_hdf5(self.path)
         try:
             self._dataset = self._file[dataset]
         except KeyError as err:
@@ -141,7 +141,7 @@ def confined_handler(roots: DataRoots) -> type[AreaDetectorHDF5Handler]:
     return ConfinedAreaDetectorHDF5Handler
 
 
-def _open(path: Path) -> h5py.File:
+def open_hdf5(path: Path) -> h5py.File:
     """Open ``path`` for reading, in SWMR mode when the writer allows it."""
     if not path.is_file():
         raise ScanFileError(f"{path} does not exist")

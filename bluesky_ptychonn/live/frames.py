@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 import h5py
@@ -39,7 +40,7 @@ from tiled.ndslice import NDSlice
 from tiled.structures.array import ArrayStructure
 
 from ..errors import DataPathError, ScanFileError
-from ..files.readers import DataRoots, confined_handler
+from ..files.readers import DataRoots, confined_handler, open_hdf5
 
 HDF5_MIMETYPE = "application/x-hdf5"
 
@@ -126,7 +127,7 @@ class StreamFrames:
         self._resources: dict[str, StreamResource] = {}
         self._by_key: dict[tuple[str, str], ConsolidatorBase] = {}
         self._by_resource: dict[str, ConsolidatorBase] = {}
-        self._files: dict[str, h5py.File] = {}
+        self._files: dict[Path, h5py.File] = {}
 
     def stream_resource(self, doc: StreamResource) -> None:
         """Keep a StreamResource of a wanted data key.
@@ -203,10 +204,10 @@ class StreamFrames:
             return None
         if params.get("slice") or params.get("squeeze") or consolidator.join_method != "stack":
             return None
-        path = str(self.roots.resolve(consolidator.assets[0].data_uri))
+        path = self.roots.resolve(consolidator.assets[0].data_uri)
         f = self._files.get(path)
         if f is None:
-            f = self._files[path] = _open_hdf5(path)
+            f = self._files[path] = open_hdf5(path)
         try:
             dataset = f[params["dataset"]]
         except KeyError as err:
@@ -259,18 +260,6 @@ class _AnnouncedFramesAdapter(HDF5ArrayAdapter):
         if array.ndim and per_row and announced % per_row == 0 and array.shape[0] * per_row > announced:
             array = array[: announced // per_row]
         super().__init__(array, structure, **kwargs)
-
-
-def _open_hdf5(path: str) -> h5py.File:
-    """Open a detector file for reading, in SWMR mode when its writer allows it."""
-    try:
-        return h5py.File(path, "r", swmr=True)
-    except OSError:
-        # Not written in SWMR mode (an archived file): a plain read is fine once it is closed.
-        try:
-            return h5py.File(path, "r")
-        except OSError as err:
-            raise ScanFileError(f"{path} is not a readable HDF5 file: {err}") from err
 
 
 def _read_patch(consolidator: ConsolidatorBase, patch: Patch, new_assets: list, roots: DataRoots) -> np.ndarray:

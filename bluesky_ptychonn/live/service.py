@@ -342,6 +342,7 @@ class Consumer:
         from bluesky.callbacks.zmq import RemoteDispatcher
 
         zmq = self.config.zmq
+        prefix = zmq.prefix.encode()
         self.watcher.start()
         logger.info("service configuration: %r", self.config)
         logger.warning(
@@ -349,9 +350,7 @@ class Consumer:
         )
         try:
             while not self._stopping.is_set():
-                dispatcher = RemoteDispatcher(
-                    zmq.address, prefix=zmq.prefix.encode(), deserializer=_deserialize_or_report
-                )
+                dispatcher = RemoteDispatcher(zmq.address, prefix=prefix, deserializer=_deserialize_or_report)
                 dispatcher.subscribe(self.callback)
                 self._loop = dispatcher.loop
                 if self._stopping.is_set():  # stop() may have seen the previous, closed loop
