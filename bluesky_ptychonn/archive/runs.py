@@ -42,7 +42,7 @@ def where(condition: str) -> Any:
         value = text
     if not isinstance(value, str | int | float | bool):  # a list or object is not a value to compare with
         value = text
-    return Key(key if "." in key else f"ptychography.{key}") == value
+    return Key(key if "." in key else f"{schema.SECTION}.{key}") == value
 
 
 def selection(
@@ -102,14 +102,7 @@ def select(catalog: Any, uids_or_queries: Iterable[Any]) -> list[Any]:
         raise ConfigurationError(f"expected a databroker CatalogOfBlueskyRuns (the 'raw' container), got {catalog!r}")
     runs: dict[str, Any] = {}
     for item in uids_or_queries:
-        if isinstance(item, tuple | list):
-            found = catalog
-            for query in item:  # chained searches: every condition must hold
-                found = found.search(query)
-            if len(found) == 0:
-                raise RunError(f"the selection {list(item)!r} matches no run in the catalog")
-            chosen = list(found.values())
-        elif isinstance(item, str):
+        if isinstance(item, str):
             try:
                 chosen = [catalog[item]]
             except KeyError as err:
@@ -117,9 +110,13 @@ def select(catalog: Any, uids_or_queries: Iterable[Any]) -> list[Any]:
             except ValueError as err:  # a partial uid too short or matching several runs
                 raise RunError(f"{item!r} does not name one run: {err}") from err
         else:
-            chosen = list(catalog.search(item).values())
-            if not chosen:
-                raise RunError(f"the query {item!r} selects no run")
+            queries = list(item) if isinstance(item, tuple | list) else [item]
+            found = catalog
+            for query in queries:  # chained searches: every condition must hold
+                found = found.search(query)
+            if len(found) == 0:
+                raise RunError(f"the selection {queries!r} matches no run in the catalog")
+            chosen = list(found.values())
         runs.update((run.metadata["start"]["uid"], run) for run in chosen)
     return list(runs.values())
 

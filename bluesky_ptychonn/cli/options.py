@@ -41,11 +41,6 @@ def add_field(
     return parser.add_argument(flag, help=text, **kwargs)
 
 
-def model_options(model: type[BaseModel], args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
-    """``{name: args.<name>}`` for the fields of ``model`` in ``names``, to build the model from."""
-    return {name: getattr(args, name) for name in names if name in model.model_fields}
-
-
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """Run selection and the Tiled connection: RUN (uid or KEY=VALUE), --uid, --where, --since, --until, ..."""
     parser.add_argument(
@@ -112,4 +107,4 @@ def training_config(args: argparse.Namespace) -> Any:
     """The ``TrainConfig`` that the training options describe."""
     from ..core.config import TrainConfig
 
-    return TrainConfig(**model_options(TrainConfig, args, TRAIN_FIELDS))
+    return TrainConfig(**{name: getattr(args, name) for name in TRAIN_FIELDS})
