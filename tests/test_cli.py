@@ -64,19 +64,14 @@ def test_errors_exit_2_with_the_reason(tmp_path, capsys):
 def test_option_defaults_are_the_configuration_models_defaults():
     from bluesky_ptychonn.archive.training import FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE
     from bluesky_ptychonn.cli import build_parser
+    from bluesky_ptychonn.cli.options import training_config
     from bluesky_ptychonn.core.config import DetectorGeometry, TrainConfig
     from bluesky_ptychonn.core.engine import LiveOptions
     from bluesky_ptychonn.core.iterative import IterativeOptions
 
     parser = build_parser()
     train = parser.parse_args(["train", "scan.h5", "--out", "m.safetensors"])
-    recipe = TrainConfig()
-    assert (train.epochs, train.batch_size, train.learning_rate) == (recipe.epochs, recipe.batch_size, 1e-3)
-    assert (train.plateau_patience, train.loss_window, train.seed) == (
-        recipe.plateau_patience,
-        recipe.loss_window,
-        recipe.seed,
-    )
+    assert training_config(train) == TrainConfig()  # every training option at the model's default
     simulate = parser.parse_args(["simulate", "scan.h5"])
     assert DetectorGeometry(**{k: getattr(simulate, k) for k in DetectorGeometry.model_fields}) == DetectorGeometry()
     runs = ["--tiled-uri", "http://127.0.0.1:8000"]

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from ..core.config import DetectorGeometry
 from .options import add_field, add_network_options, add_training_options, training_config
@@ -76,7 +77,7 @@ def simulate(args: argparse.Namespace) -> dict:
     }
 
 
-def build_model_config(args: argparse.Namespace, frame_shape: tuple[int, int], patch_pixels: int) -> tuple:
+def _model_config(args: argparse.Namespace, frame_shape: tuple[int, int], patch_pixels: int) -> tuple[Any, Any]:
     """(NetworkConfig, PreprocessRecipe) from the training options, for frames of ``frame_shape``."""
     from ..core.config import NetworkConfig, PreprocessRecipe
 
@@ -92,7 +93,7 @@ def train(args: argparse.Namespace) -> dict:
     from ..files.datasets import training_set_from_files
 
     data = training_set_from_files(args.scans, lines=args.lines)
-    network, recipe = build_model_config(args, tuple(data.frames.shape[1:]), data.amplitude.shape[-1])
+    network, recipe = _model_config(args, tuple(data.frames.shape[1:]), data.amplitude.shape[-1])
     config = training_config(args)
     scores = None
     if args.transform == "auto":

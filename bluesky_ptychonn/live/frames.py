@@ -3,8 +3,9 @@
 - StreamResource/StreamDatum: bluesky-tiled-plugins' consolidators turn the documents into the data
   source that ``TiledWriter`` registers (its assets, structure and adapter parameters, which honour
   ``multiplier``, ``template``, ``slice``, ``squeeze``, ``join_method`` and ``swmr``), and Tiled's HDF5
-  adapter reads exactly the rows each StreamDatum announces. Both are what a Tiled server would use
-  to serve the same run, so the live image and the archived data cannot disagree about the frames.
+  adapter reads the rows each StreamDatum announces, as a Tiled server would serve the same run.
+  One plain file (no ``template``, ``slice`` or ``squeeze``) is read directly with h5py instead,
+  rows mapped by the consolidator's datum shape: the adapter reopens its files on every read.
 - Legacy Resource/Datum: event-model's ``Filler`` with the areaDetector HDF5 handler of
   :mod:`~bluesky_ptychonn.files.readers`, bound to the data roots.
 
