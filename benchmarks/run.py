@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_inference", "bench_acquisition", "bench_live"]
+BENCHMARKS = ["bench_inference", "bench_acquisition", "bench_live", "bench_trust", "bench_refine"]
 
 
 def main(argv: list[str] | None = None) -> int:

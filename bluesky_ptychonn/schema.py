@@ -152,3 +152,28 @@ def probe(section: Mapping[str, Any]) -> np.ndarray | None:
         return None
     description = dict(section["probe"])
     return make_probe(description.pop("kind"), geometry(section).frame_pixels, **description)
+
+
+def probe_for(
+    section: Mapping[str, Any], provenance: Mapping[str, Any], stored: tuple[np.ndarray, str] | None = None
+) -> tuple[np.ndarray | None, str]:
+    """The probe to check a run's preview against, and where it came from (or why there is none).
+
+    In order: the run's own probe description; a ``stored`` (probe, source) pair, e.g. the probe
+    of an iterative reconstruction of this run or of one of the same set-up; the probe the
+    checkpoint was trained with, when its provenance records one (all its training scans shared
+    it). A made-up probe never.
+    """
+    own = probe(section)
+    if own is not None:
+        return own, f"run start document ({SECTION}.probe)"
+    if stored is not None:
+        return stored
+    description = provenance.get("probe")
+    if description:
+        params = dict(description)
+        return make_probe(params.pop("kind"), geometry(section).frame_pixels, **params), "checkpoint provenance"
+    return None, (
+        "the run describes no probe, no stored reconstruction lends one and the checkpoint records none, "
+        "so the preview cannot be checked"
+    )

@@ -5,6 +5,7 @@ Layout (DESIGN.md)::
     raw/<uid>                         runs (CatalogOfBlueskyRuns 3.0, written by TiledWriter)
     processed/<raw uid>/ptychonn      live and replayed PtychoNN results
     processed/<raw uid>/iterative     pty-chi reconstructions (training labels, references)
+    processed/<raw uid>/refined       pty-chi refinements seeded with the PtychoNN result
     simulation_truth/<sample id>      ground truth of simulated samples
     models/<content hash>             registered checkpoints
 
@@ -14,6 +15,10 @@ Pure strings and duck typing on the client: this module imports nothing from Til
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
+
+from .errors import RunError
 
 #: Container of raw runs.
 RAW = "raw"
@@ -27,6 +32,8 @@ SIMULATION_TRUTH = "simulation_truth"
 PTYCHONN = "ptychonn"
 #: Result name of iterative reconstructions under ``processed/<uid>``.
 ITERATIVE = "iterative"
+#: Result name of pty-chi refinements seeded with the PtychoNN image, under ``processed/<uid>``.
+REFINED = "refined"
 
 
 def processed_path(raw_uid: str, name: str) -> str:
@@ -61,3 +68,32 @@ def child_container(
 def run_results(client: Any, raw_uid: str) -> Any:
     """The ``processed/<raw_uid>`` container, where every result of one raw run lives, created if missing."""
     return child_container(child_container(client, PROCESSED), raw_uid, metadata={"raw_uid": raw_uid})
+
+
+def read_stored_probe(client: Any, uid: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The probe stored with run ``uid``'s iterative reconstruction: complex64 (n, n), and that result's metadata.
+
+    For runs whose start document describes no probe (measured data): a run of the same set-up,
+    reconstructed once, lends its probe. Raises :class:`RunError` when there is no complete result.
+    """
+    path = processed_path(uid, ITERATIVE)
+    try:
+        node = client[path]
+    except KeyError as err:
+        raise RunError(f"run {uid} has no iterative reconstruction at {path}") from err
+    metadata = dict(node.metadata)
+    if metadata.get("status") != "complete" or "probe_amplitude" not in node:
+        raise RunError(f"run {uid}: the iterative reconstruction at {path} holds no complete probe")
+    probe = node["probe_amplitude"].read() * np.exp(1j * node["probe_phase"].read())
+    return probe.astype(np.complex64), metadata
+
+
+def stored_probe(client: Any, uid: str | None) -> tuple[np.ndarray, str] | None:
+    """:func:`read_stored_probe` and where it came from, or None when run ``uid`` (or no uid) stores none."""
+    if client is None or not uid:
+        return None
+    try:
+        probe, _ = read_stored_probe(client, uid)
+    except RunError:
+        return None
+    return probe, f"iterative reconstruction of run {uid} ({processed_path(uid, ITERATIVE)})"

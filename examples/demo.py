@@ -6,10 +6,15 @@
    ``raw`` by TiledWriter like every run.
 3. Train PtychoNN on that run, read back through Tiled with its simulation truth as labels, plus
    scans of other objects of the same family (or reuse the model cached by an earlier demo).
-4. Fly a scan of a new region of the sample with the PtychoNN callback subscribed: amplitude and
-   phase grow in ``processed/<uid>/ptychonn`` while the stage moves.
-5. Read the live result back from Tiled, compare it with the ground truth, and write
-   ``summary.json`` and ``live_reconstruction.png`` (PtychoNN beside the truth).
+4. Fly a scan of a new region of the sample with the PtychoNN callback subscribed: amplitude,
+   phase and the trust map (the preview's consistency with the measured frames) grow in
+   ``processed/<uid>/ptychonn`` while the stage moves.
+5. After the stop document, pty-chi (LSQML) starts from the preview on its own and writes
+   ``processed/<uid>/refined``.
+6. Read both back from Tiled, run pty-chi from a flat start on the same frames as the reference,
+   compare everything with the ground truth, and write ``summary.json`` and
+   ``live_reconstruction.png`` (preview, refined, flat-start pty-chi and truth; trust map and the
+   preview's true error).
 
 ``python examples/demo.py --help`` lists the knobs; ``make demo`` runs the defaults.
 """
@@ -60,6 +65,7 @@ def train_model(args: argparse.Namespace, prior_run, models: Path):
         "rows": args.rows,
         "prior_frames": int(len(prior.frames)),
         "sample": prior.metadata["sample_id"],
+        "consistency_calibrated": True,  # checkpoints record their out-of-domain threshold
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = models / f"ptychonn-{key}.safetensors"
@@ -69,7 +75,7 @@ def train_model(args: argparse.Namespace, prior_run, models: Path):
     parts = [training_set_from_scan(prior, source={"run_uid": prior.metadata["uid"]})]
     for seed in range(args.family_objects):
         s = simulate_scan(object_seed=seed, scan_shape=(args.rows, args.rows), noise_seed=seed)
-        scan = ScanData(s.frames, s.positions_m, s.frame_ids, s.geometry, s.probe, s.obj, s.grid)
+        scan = ScanData(s.frames, s.positions_m, s.frame_ids, s.geometry, s.probe, s.obj, s.grid, s.metadata)
         parts.append(training_set_from_scan(scan, source={"simulated_object_seed": seed}))
     data = TrainingSet.concatenate(parts)
     print(
@@ -85,12 +91,64 @@ def train_model(args: argparse.Namespace, prior_run, models: Path):
     return Predictor(model, info, device=args.device), float(info.metrics["train_seconds"])
 
 
+def blank_options():
+    """The flat-start reference: the refinement's engine, run until its error has stopped falling."""
+    from bluesky_ptychonn.core.refine import REFINE_OPTIONS
+
+    return REFINE_OPTIONS.model_copy(update={"epochs": 400, "stop_tolerance": 0.002, "stop_window": 20})
+
+
+def rounded(figures: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in figures.items()}
+
+
+def trust_summary(section: dict, trust_map, phase, truth, region, probe) -> dict:
+    """The live trust figures, and how well the trust map follows the preview's true phase error."""
+    from bluesky_ptychonn.core.metrics import local_mean, pearson, remove_phase_offset
+
+    if trust_map is None:
+        return {"available": False, "reason": section.get("reason")}
+    error = np.abs(remove_phase_offset(phase, np.angle(truth), region) - np.angle(truth))
+    footprint = np.abs(probe) ** 2
+    local = local_mean(error, footprint)
+    inside = region & np.isfinite(trust_map)
+    return {
+        "available": True,
+        "mean": round(section["mean"], 4),
+        "median": round(section["median"], 4),
+        "threshold": section["threshold"],
+        "frames_flagged": section["frames_flagged"],
+        "pearson_with_local_phase_error": round(pearson(trust_map[inside], local[inside]), 3),
+        "pearson_with_pixel_phase_error": round(pearson(trust_map[inside], error[inside]), 3),
+        "probe_source": section["probe_source"],
+        "error_map": local,
+    }
+
+
+def reconstruct_iterative_run(run, grid, options):
+    """pty-chi from a flat start on a run's frames, on ``grid``: the reference the refined image must match."""
+    from bluesky_ptychonn.archive.labels import run_inputs
+    from bluesky_ptychonn.core.ptychi_engine import reconstruct_iterative
+
+    inputs = run_inputs(run)
+    return reconstruct_iterative(
+        inputs.frames,
+        inputs.positions_m,
+        inputs.probe,
+        photons_per_frame=inputs.photons_per_frame,
+        pixel_size_m=inputs.pixel_size_m,
+        grid=grid,
+        options=options,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bluesky import RunEngine
 
     from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
     from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+    from bluesky_ptychonn.archive.refine import RefineWorker
     from bluesky_ptychonn.archive.servers import start_embedded_server, subscribe_archive
     from bluesky_ptychonn.archive.truth import read_simulation_truth
     from bluesky_ptychonn.core.geometry import ObjectGrid
@@ -128,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         predictor, train_seconds = train_model(args, archive.raw[prior_uid], out / "models")
 
-        callback = PtychoNNCallback(predictor, archive.client, CallbackConfig(data_roots=[archive.data_dir]))
+        # The refined image comes without anyone asking: the worker starts pty-chi from the
+        # preview once the live image is final, off the RunEngine's path.
+        refiner = RefineWorker(archive.client)
+        callback = PtychoNNCallback(
+            predictor, archive.client, CallbackConfig(data_roots=[archive.data_dir]), after_final=refiner.submit
+        )
         run_engine.subscribe(callback)
         print(f"[scan] live fly scan of a new region with PtychoNN subscribed ({predictor.device})")
         t0 = time.time()
@@ -155,6 +218,21 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError("the live result is not on the run's sample-aligned grid")
         region = weight >= 0.5 * weight.max()
         metrics = compare(amplitude, phase, np.abs(truth), np.angle(truth), region)
+        trust_map = node["trust"].read() if "trust" in node else None
+        trust = trust_summary(md["trust"], trust_map, phase, truth, region, probe)
+
+        print("[refine] pty-chi (LSQML) from the PtychoNN preview, started by the callback after the stop document")
+        if not refiner.wait(600):
+            raise RuntimeError(f"the refinement of {uid} did not finish")
+        refined_node = archive.client["processed"][uid]["refined"]
+        refined_md = dict(refined_node.metadata)
+        if refined_md["status"] != "complete":
+            raise RuntimeError(f"the refinement of {uid} ended {refined_md['status']}: {refined_md.get('errors')}")
+        refined_amplitude, refined_phase = (refined_node[k].read() for k in ("amplitude", "phase"))
+        stop_time = archive.raw[uid].metadata["stop"]["time"]
+        print("[refine] the reference: pty-chi from a flat start on the same frames, run to convergence")
+        blank = reconstruct_iterative_run(archive.raw[uid], grid, blank_options())
+
         live_fps = md["frames_done"] / (done - md["first_frame"])
         result_uri = f"{archive.client.context.api_uri}metadata/processed/{uid}/ptychonn"
         summary = {
@@ -171,22 +249,55 @@ def main(argv: list[str] | None = None) -> int:
             "first_frame_to_final_write_s": round(done - md["first_frame"], 2),
             "train_seconds": round(train_seconds, 1),
             "status": md["status"],
+            "trust": trust,
+            "refined": {
+                **rounded(compare(refined_amplitude, refined_phase, np.abs(truth), np.angle(truth), region)),
+                "engine": refined_md["engine"],
+                "epochs": refined_md["epochs"],
+                "stopped_by": refined_md["stopped_by"],
+                "pty_chi_seconds": round(refined_md["seconds"], 1),
+                "in_tiled_after_stop_s": round(refined_md["finished"] - stop_time, 1),
+                "final_error": round(refined_md["error_per_epoch"][-1], 4),
+                "tiled_uri": f"{archive.client.context.api_uri}metadata/processed/{uid}/refined",
+            },
+            "blank_start": {
+                **rounded(compare(blank.amplitude, blank.phase, np.abs(truth), np.angle(truth), region)),
+                "engine": blank.engine,
+                "epochs": blank.epochs,
+                "pty_chi_seconds": round(blank.seconds, 1),
+                "final_error": round(blank.error_per_epoch[-1], 4),
+            },
             "seconds": round(time.perf_counter() - started, 1),
         }
+        refined = summary["refined"]
         figure = save_figure(
             out / "live_reconstruction.png",
-            [("PtychoNN, live", amplitude, phase), ("ground truth", np.abs(truth), np.angle(truth))],
+            [
+                ("PtychoNN, live", amplitude, phase),
+                ("refined (pty-chi from PtychoNN)", refined_amplitude, refined_phase),
+                ("pty-chi from flat", blank.amplitude, blank.phase),
+                ("ground truth", np.abs(truth), np.angle(truth)),
+            ],
             grid,
             mask=region,
-            title=f"run {uid[:8]}: {md['frames_done']} frames; phase SSIM {metrics['phase_ssim']:.2f}, "
-            f"amplitude SSIM {metrics['amplitude_ssim']:.2f}",
+            title=f"run {uid[:8]}: {md['frames_done']} frames; phase SSIM preview {metrics['phase_ssim']:.2f}, "
+            f"refined {refined['phase_ssim']:.2f} ({refined['epochs']} epochs); "
+            f"{trust.get('frames_flagged', 0)} frames flagged",
+            maps=[
+                ("trust (Fourier error; lower is better)", trust_map, "magma"),
+                ("|phase error| of the preview (rad)", np.where(region, trust["error_map"], np.nan), "magma"),
+            ]
+            if trust_map is not None
+            else None,
         )
+        trust.pop("error_map", None)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
         print(
-            f"[done] live result in Tiled: {result_uri}\n[done] raw run: {archive.raw.uri}/{uid}\n"
-            f"[done] figure {figure}, summary {out / 'summary.json'}"
+            f"[done] live result in Tiled: {result_uri}\n[done] refined: {refined['tiled_uri']}\n"
+            f"[done] raw run: {archive.raw.uri}/{uid}\n[done] figure {figure}, summary {out / 'summary.json'}"
         )
+        refiner.close()
     finally:
         archive.close()
     return 0

@@ -68,6 +68,7 @@ def test_option_defaults_are_the_configuration_models_defaults():
     from bluesky_ptychonn.core.config import DetectorGeometry, TrainConfig
     from bluesky_ptychonn.core.engine import LiveOptions
     from bluesky_ptychonn.core.iterative import IterativeOptions
+    from bluesky_ptychonn.core.refine import REFINE_OPTIONS
 
     parser = build_parser()
     train = parser.parse_args(["train", "scan.h5", "--out", "m.safetensors"])
@@ -79,6 +80,11 @@ def test_option_defaults_are_the_configuration_models_defaults():
     assert IterativeOptions(**{k: getattr(iterative, k) for k in IterativeOptions.model_fields if k != "seed"}) == (
         IterativeOptions()
     )
+    refine = parser.parse_args(["refine", "abcdef", *runs])
+    assert IterativeOptions(**{k: getattr(refine, k) for k in IterativeOptions.model_fields if k != "seed"}) == (
+        REFINE_OPTIONS
+    )
+    assert refine.seed_source == "ptychonn" and refine.checkpoint is None
     assert parser.parse_args(["replay", "abcdef", "--checkpoint", "m", *runs]).batch_size == LiveOptions().batch_size
     tune = parser.parse_args(["fine-tune", "m.safetensors", "abcdef", "--labels", "truth", *runs])
     assert (tune.epochs, tune.learning_rate) == (FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE)

@@ -11,7 +11,7 @@ import pytest
 
 from bluesky_ptychonn.core.config import DetectorGeometry
 from bluesky_ptychonn.core.geometry import GRID_MARGIN_PIXELS, ObjectGrid
-from bluesky_ptychonn.core.iterative import IterativeOptions, epie_step_size
+from bluesky_ptychonn.core.iterative import IterativeOptions, converged, epie_step_size
 from bluesky_ptychonn.core.metrics import compare
 from bluesky_ptychonn.core.ptychi_engine import reconstruct_iterative
 from bluesky_ptychonn.errors import ConfigurationError, FrameError, PositionError
@@ -138,6 +138,48 @@ def test_lsqml_runs_on_a_grid_sized_from_the_positions(scan, capsys):
     assert "iterative" in capsys.readouterr().err  # the progress bar
 
 
+@needs_ptychi
+@ptychi_scalar_warning
+def test_the_stopping_rule_ends_a_converged_run_before_the_epoch_limit(scan):
+    # Started from the truth, little is left to gain: the error soon stalls at the noise floor.
+    options = IterativeOptions(epochs=50, batch_size=16, stop_tolerance=0.01, stop_window=3, min_epochs=5)
+    result = _run(scan, options=options, initial_object=scan.obj)
+    assert result.stopped_by == "tolerance" and 5 <= result.epochs < 50
+    assert len(result.error_per_epoch) == result.epochs
+    assert converged(result.error_per_epoch, options) and not converged(result.error_per_epoch[:-1], options)
+
+    unbounded = _run(scan, options=options.model_copy(update={"stop_tolerance": None, "epochs": 6}))
+    assert unbounded.stopped_by == "max_epochs" and unbounded.epochs == 6
+
+
+@needs_ptychi
+@ptychi_scalar_warning
+def test_the_monitor_sees_every_epoch_and_can_stop_the_run(scan):
+    seen = []
+
+    def monitor(epoch, error, current_object):
+        obj = current_object() if epoch == 3 else None  # fetched only when asked
+        seen.append((epoch, error, obj))
+        return epoch == 3
+
+    result = _run(scan, options=IterativeOptions(epochs=20, batch_size=16), monitor=monitor)
+    assert [epoch for epoch, _, _ in seen] == [1, 2, 3]
+    assert [error for _, error, _ in seen] == result.error_per_epoch
+    assert result.stopped_by == "monitor" and result.epochs == 3
+    np.testing.assert_array_equal(seen[-1][2], result.obj)  # the object after the epoch that stopped it
+
+
+def test_the_stopping_rule_compares_the_error_over_its_window():
+    options = IterativeOptions(epochs=100, stop_tolerance=0.1, stop_window=2, min_epochs=4)
+    assert not converged([1.0, 1.0, 1.0], options)  # before min_epochs
+    assert not converged([4.0, 3.0, 2.0, 1.0], options)  # halved over the window
+    assert not converged([4.0, 3.0, 1.0, 0.95], options)  # the window reaches back two epochs, to 3.0
+    assert converged([4.0, 1.0, 0.98, 0.95], options)  # 5 % over two epochs
+    assert converged([4.0, 1.0, 0.9, 1.2], options)  # a rise
+    assert converged([4.0, 1.0, 0.9, float("nan")], options)  # diverged
+    assert not converged([4.0, 1.0, 0.98, 0.95], options.model_copy(update={"stop_tolerance": None}))
+
+
 def test_epie_step_size_follows_the_overlap_in_one_batch():
     assert epie_step_size(4.0, batch_size=1, n_frames=10_000) == pytest.approx(1.0, abs=1e-3)  # sequential ePIE
     assert epie_step_size(4.0, batch_size=100, n_frames=64) == pytest.approx(0.25)  # the whole scan in one batch
@@ -174,7 +216,17 @@ def test_bad_inputs_raise_the_package_errors_before_any_work(scan, change, error
 
 
 def test_bad_options_are_refused():
-    for bad in ({"epochs": 0}, {"engine": "dm"}, {"object_step_size": -1.0}, {"device": "tpu"}, {"unknown": 1}):
+    for bad in (
+        {"epochs": 0},
+        {"engine": "dm"},
+        {"object_step_size": -1.0},
+        {"device": "tpu"},
+        {"unknown": 1},
+        {"stop_tolerance": 0.0},
+        {"stop_tolerance": 1.0},
+        {"stop_window": 0},
+        {"min_epochs": 0},
+    ):
         with pytest.raises(ValueError):
             IterativeOptions(**bad)
 

@@ -118,7 +118,9 @@ def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_dev
     tiled_uri = tiled_server.server.uri.split("/api/v1")[0]
     config = _config(tmp_path, checkpoint, tiled_uri, tiled_server.data_dir, zmq_out)
     api_key = tiled_server.server.api_key
-    env = {**os.environ, "TILED_API_KEY": api_key}
+    # Each run is also refined by pty-chi once its live image is final (a few epochs: plumbing only).
+    refine = {"PTYCHONN_REFINE__ENABLED": "true", "PTYCHONN_REFINE__EPOCHS": "3", "PTYCHONN_REFINE__DEVICE": "cpu"}
+    env = {**os.environ, "TILED_API_KEY": api_key, **refine}
     # The proxy's script sits beside this Python (the venv need not be on PATH, as under `make test`).
     script = Path(sys.executable).with_name("bluesky-0MQ-proxy")
     proxy = subprocess.Popen(
@@ -187,6 +189,16 @@ def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_dev
         )
         np.testing.assert_allclose(node["amplitude"].read(), offline.amplitude, atol=1e-5)
         np.testing.assert_allclose(node["phase"].read(), offline.phase, atol=1e-5)
+        while time.monotonic() < deadline:
+            try:
+                if client["processed"][uid]["refined"].metadata["status"] != "running":
+                    break
+            except KeyError:
+                pass
+            time.sleep(0.2)
+        refined = dict(client["processed"][uid]["refined"].metadata)
+        assert refined["status"] == "complete" and refined["epochs"] == 3, refined
+        assert refined["seed"]["source"] == "ptychonn" and refined["grid"] == md["grid"]
         assert consumer.poll() is None  # still serving
     finally:
         if publisher is not None:
@@ -304,6 +316,17 @@ def test_environment_overrides_nested_keys_and_arguments_override_both(tmp_path,
     assert config.live.batch_size == 3 and config.live.publish_interval_s == 1.0
 
 
+def test_the_refine_section_defaults_to_off_with_the_refinement_options(tmp_path, environment):
+    from bluesky_ptychonn.core.refine import REFINE_OPTIONS
+
+    shipped = load_config(CALLBACKS / "ptychonn.toml")
+    assert shipped.refine.enabled is False and shipped.refine.options() == REFINE_OPTIONS
+    environment.setenv("PTYCHONN_REFINE__ENABLED", "true")
+    environment.setenv("PTYCHONN_REFINE__EPOCHS", "50")
+    config = load_config(_in_memory_config(tmp_path), tiled={"uri": "http://tiled.example:8000"})
+    assert config.refine.enabled and config.refine.options() == REFINE_OPTIONS.model_copy(update={"epochs": 50})
+
+
 def test_relative_paths_resolve_against_the_file(tmp_path, environment):
     folder = tmp_path / "etc" / "ptychonn"
     folder.mkdir(parents=True)
@@ -328,6 +351,8 @@ def test_relative_paths_resolve_against_the_file(tmp_path, environment):
         ("[model]\ncheckpoint = 'm'\nbogus = 1\n", "model.bogus"),
         ("[modle]\ncheckpoint = 'm'\n", "model: Field required"),
         ("[model\n", "cannot read"),
+        ("[model]\ncheckpoint = 'm'\n[refine]\nenabled = true\n", "needs a [tiled] section"),
+        ("[model]\ncheckpoint = 'm'\n[refine]\nstop_tolerance = 2\n", "refine.stop_tolerance = 2"),
     ],
 )
 def test_a_bad_configuration_names_the_file_and_the_key(tmp_path, environment, text, expected):

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -31,6 +32,84 @@ if TYPE_CHECKING:
 LabelSource = Literal["iterative", "truth"]
 
 
+@dataclass
+class RunInputs:
+    """What pty-chi needs from an archived run, read once through Tiled (shared by labels and refinement).
+
+    Attributes
+    ----------
+    uid : str
+    section : dict
+        The run's ``ptychography`` section.
+    frames : (N, n, n) array
+        Detector counts, each frame id once (a frame recorded twice counts once).
+    positions_m : (N, 2) float64
+        Probe centres (y, x) in metres.
+    probe : (n, n) complex or None
+        The probe the section describes (None when it describes none).
+    pixel_size_m : float
+        Real-space pixel size of the frames.
+    photons_per_frame : float
+    photons_source : str
+        ``"argument"``, ``"start document"`` or ``"estimate: largest frame sum"``.
+    """
+
+    uid: str
+    section: dict[str, Any]
+    frames: np.ndarray
+    positions_m: np.ndarray
+    probe: np.ndarray | None
+    pixel_size_m: float
+    photons_per_frame: float
+    photons_source: str
+
+    @property
+    def frame_pixels(self) -> int:
+        """Side of a frame, which is also the side of the probe window on the object grid."""
+        return int(self.frames.shape[-1])
+
+
+def run_inputs(run: Any, photons_per_frame: float | None = None) -> RunInputs:
+    """Frames, positions, probe, pixel size and flux of a run, as :func:`iterative_run` uses them.
+
+    The flux is ``photons_per_frame``, else the start document's ``ptychography.photons_per_frame``,
+    else the largest frame sum (recorded as an estimate).
+
+    Raises
+    ------
+    RunError
+        Not a ptychography run, or no frames stream.
+    """
+    scan = scan_from_run(run, with_truth=False)
+    section = scan.metadata["ptychography"]
+    photons_source = "argument" if photons_per_frame else "start document"
+    photons = photons_per_frame or section.get("photons_per_frame")
+    if not photons:
+        photons, photons_source = float(scan.frames.sum(axis=(1, 2)).max()), "estimate: largest frame sum"
+    _, first = np.unique(scan.frame_ids, return_index=True)
+    keep = np.sort(first)
+    return RunInputs(
+        uid=scan.metadata["uid"],
+        section=section,
+        frames=scan.frames[keep],
+        positions_m=scan.positions_m[keep],
+        probe=scan.probe,
+        pixel_size_m=scan.geometry.pixel_size_m(),
+        photons_per_frame=float(photons),
+        photons_source=photons_source,
+    )
+
+
+def ptychi_version() -> str:
+    """The installed pty-chi's version, for provenance (``"unknown"`` when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ptychi")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def iterative_run(
     run: Any,
     client: Any = None,
@@ -41,9 +120,8 @@ def iterative_run(
 ) -> IterativeResult:
     """Reconstruct an archived run with pty-chi and store it at ``processed/<uid>/iterative`` (replacing one).
 
-    The probe is rebuilt from the run's probe description; the flux is ``photons_per_frame``, else
-    the start document's ``ptychography.photons_per_frame``, else the largest frame sum (recorded
-    as an estimate). The grid is the run's (:func:`~bluesky_ptychonn.archive.runs.run_grid_for`) at the
+    The probe is rebuilt from the run's probe description; the flux is as :func:`run_inputs` says.
+    The grid is the run's (:func:`~bluesky_ptychonn.archive.runs.run_grid_for`) at the
     detector's real-space pixel size, so the result lines up with live results and with the truth.
 
     Raises
@@ -53,52 +131,41 @@ def iterative_run(
     ConfigurationError
         pty-chi missing, CUDA requested but absent, bad options.
     """
-    from importlib.metadata import PackageNotFoundError, version
-
     from .. import __version__
     from ..core.iterative import IterativeOptions
     from ..core.ptychi_engine import reconstruct_iterative
 
     options = options or IterativeOptions()
-    scan = scan_from_run(run, with_truth=False)
-    uid, section = scan.metadata["uid"], scan.metadata["ptychography"]
-    if scan.probe is None:
+    inputs = run_inputs(run, photons_per_frame)
+    uid = inputs.uid
+    if inputs.probe is None:
         raise RunError(f"run {uid} has no probe description in its ptychography section: pty-chi needs the probe")
-    photons_source = "argument" if photons_per_frame else "start document"
-    photons = photons_per_frame or section.get("photons_per_frame")
-    if not photons:
-        photons, photons_source = float(scan.frames.sum(axis=(1, 2)).max()), "estimate: largest frame sum"
-    _, first = np.unique(scan.frame_ids, return_index=True)  # a frame recorded twice counts once
-    keep = np.sort(first)
-    pixel = scan.geometry.pixel_size_m()
-    grid = run_grid_for(run, pixel, scan.geometry.frame_pixels)
+    grid = run_grid_for(run, inputs.pixel_size_m, inputs.frame_pixels)
     try:
         result = reconstruct_iterative(
-            scan.frames[keep],
-            scan.positions_m[keep],
-            scan.probe,
-            pixel_size_m=pixel,
-            photons_per_frame=float(photons),
+            inputs.frames,
+            inputs.positions_m,
+            inputs.probe,
+            pixel_size_m=inputs.pixel_size_m,
+            photons_per_frame=inputs.photons_per_frame,
             options=options,
             grid=grid,
             progress=progress,
         )
     except (FrameError, PositionError) as err:
         raise RunError(f"run {uid}: {err}") from err
-    try:
-        ptychi_version = version("ptychi")
-    except PackageNotFoundError:  # pragma: no cover - reconstruct_iterative needs it
-        ptychi_version = "unknown"
     metadata = {
         "raw_uid": uid,
         "source": "iterative",
         "engine": result.engine,
         "epochs": result.epochs,
+        "max_epochs": options.epochs,
+        "stopped_by": result.stopped_by,
         "step_size": result.step_size,
         "batch_size": options.batch_size,
-        "probe": {"description": section["probe"], "refined": options.refine_probe},
-        "photons_per_frame": float(photons),
-        "photons_per_frame_source": photons_source,
+        "probe": {"description": inputs.section["probe"], "refined": options.refine_probe},
+        "photons_per_frame": inputs.photons_per_frame,
+        "photons_per_frame_source": inputs.photons_source,
         "grid": result.grid.as_metadata(),
         "pixel_size_m": result.grid.pixel_size_m,
         "frames": result.frames,
@@ -106,7 +173,7 @@ def iterative_run(
         "seconds": result.seconds,
         "device": result.device,
         "package_version": __version__,
-        "ptychi_version": ptychi_version,
+        "ptychi_version": ptychi_version(),
         "options": options.model_dump(mode="json"),
     }
     write_iterative(root_of(run) if client is None else client, uid, result, metadata)

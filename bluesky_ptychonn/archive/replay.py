@@ -14,13 +14,15 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RunError
-from ..tiled_paths import PROCESSED, PTYCHONN
+from .. import schema
+from ..errors import ConfigurationError, RunError
+from ..tiled_paths import PROCESSED, PTYCHONN, stored_probe
 from .runs import check_ptychography, root_of, run_grid_for, scan_from_run, select
 
 if TYPE_CHECKING:
     from ..core.engine import LiveOptions
     from ..core.inference import Predictor
+    from ..core.iterative import IterativeOptions
 
 
 def replay_run(
@@ -88,7 +90,11 @@ def replay_run(
         "source": "replay",
     }
     sink = TiledSink(client, uid, name, replace=replace)
-    live = LiveReconstruction(predictor, grid, sink, metadata, options)
+    # A probe reconstructed from this very run, if any, beats the one the model was trained with.
+    probe, probe_source = schema.probe_for(
+        schema.read_section(start), predictor.info.provenance, stored_probe(client, uid)
+    )
+    live = LiveReconstruction(predictor, grid, sink, metadata, options, probe=probe, probe_source=probe_source)
     bar = tqdm(total=len(scan.frames), desc=f"replay {uid[:8]}", unit="frame", disable=not progress, leave=False)
     for s in range(0, len(scan.frames), options.batch_size):
         batch = slice(s, s + options.batch_size)
@@ -115,14 +121,27 @@ def replay_runs(
     replace: bool = True,
     name: str = PTYCHONN,
     progress: bool = True,
+    refine: bool | IterativeOptions = False,
 ) -> list[dict[str, Any]]:
-    """:func:`replay_run` for every run :func:`select` finds; none is replayed unless all are ptychography runs."""
+    """:func:`replay_run` for every run :func:`select` finds; none is replayed unless all are ptychography runs.
+
+    ``refine`` (True, or the pty-chi options to refine with) then refines each replayed run from its new
+    image with :func:`~bluesky_ptychonn.archive.refine.refine_run`; the summary is under ``"refined"``.
+    """
     from tqdm.auto import tqdm
 
     runs = select(catalog, uids_or_queries)
     check_ptychography(runs)
+    if refine is not False and name != PTYCHONN:
+        raise ConfigurationError(f"refinement seeds from processed/<uid>/{PTYCHONN}, not from a replay named {name!r}")
     client = root_of(catalog) if client is None else client
-    return [
-        replay_run(run, predictor, client, options=options, replace=replace, name=name, progress=progress)
-        for run in tqdm(runs, desc="replay", unit="run", disable=not progress or len(runs) < 2)
-    ]
+    results = []
+    for run in tqdm(runs, desc="replay", unit="run", disable=not progress or len(runs) < 2):
+        result = replay_run(run, predictor, client, options=options, replace=replace, name=name, progress=progress)
+        if refine is not False:
+            from .refine import refine_run
+
+            refine_options = None if refine is True else refine
+            result["refined"] = refine_run(run, client, options=refine_options, progress=progress)
+        results.append(result)
+    return results

@@ -134,8 +134,15 @@ def training_set_from_runs(
             "frames": int(len(index)),
             **provenance,
         }
+        probe_description = schema.read_section(run.metadata["start"]).get("probe")
+        if probe_description:
+            source["probe"] = probe_description
         groups = np.zeros(len(index), np.int64)  # one validation block per run
-        parts.append(TrainingSet(scan.frames[index], amplitude, phase, scan.positions_m[index], groups, [source]))
+        parts.append(
+            TrainingSet(
+                scan.frames[index], amplitude, phase, scan.positions_m[index], groups, [source], probes=[scan.probe]
+            )
+        )
     return TrainingSet.concatenate(parts)
 
 

@@ -1,8 +1,8 @@
 """The ``bluesky-ptychonn`` command line, grouped by workflow.
 
 ``files`` (simulate, train, reconstruct), ``live`` (consume) and ``archive`` (serve, replay,
-iterative, train-runs, fine-tune) each register their sub-commands; a command imports its heavy
-modules only when it runs, so ``bluesky-ptychonn --help`` stays fast. Defaults come from the
+iterative, refine, train-runs, fine-tune) each register their sub-commands; a command imports its
+heavy modules only when it runs, so ``bluesky-ptychonn --help`` stays fast. Defaults come from the
 configuration models (see :func:`~bluesky_ptychonn.cli.options.add_field`), never re-typed.
 """
 

@@ -1,4 +1,5 @@
-"""Commands on the archive: ``serve`` Tiled, ``replay`` runs, ``iterative`` labels, ``train-runs``, ``fine-tune``."""
+"""Commands on the archive: ``serve`` Tiled, ``replay`` runs, ``iterative`` labels, ``refine``, ``train-runs``,
+``fine-tune``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from ..archive.training import FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE
 from ..core.engine import LiveOptions
 from ..core.iterative import IterativeOptions
+from ..core.refine import REFINE_OPTIONS
 from ..tiled_paths import ITERATIVE, PTYCHONN, processed_path
 from .options import (
     add_field,
@@ -22,7 +24,7 @@ from .options import (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``serve``, ``replay``, ``iterative``, ``train-runs`` and ``fine-tune``."""
+    """Add ``serve``, ``replay``, ``iterative``, ``refine``, ``train-runs`` and ``fine-tune``."""
     from ..archive.servers import API_KEY_ENV
 
     p = sub.add_parser("serve", help="run a persistent Tiled server with the 'raw' catalog of Bluesky runs")
@@ -50,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", action="store_true", help="refuse to replace an existing result")
     add_field(p, "--batch-size", LiveOptions, "batch_size")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:n]'")
+    p.add_argument(
+        "--refine", action="store_true", help="then refine each run with pty-chi from its new image (see `refine`)"
+    )
     p.set_defaults(func=replay)
 
     p = sub.add_parser("iterative", help="reconstruct archived runs with pty-chi into processed/<uid>/iterative")
@@ -57,6 +62,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_iterative_options(p, "--")
     p.add_argument("--photons-per-frame", type=float, default=None, help="flux (default: the run's metadata)")
     p.set_defaults(func=iterative)
+
+    p = sub.add_parser(
+        "refine", help="refine archived runs with pty-chi from their PtychoNN image into processed/<uid>/refined"
+    )
+    add_selection_arguments(p)
+    add_iterative_options(p, "--", defaults=REFINE_OPTIONS)
+    p.add_argument(
+        "--seed",
+        dest="seed_source",
+        choices=("ptychonn", "flat"),
+        default="ptychonn",
+        help="start from processed/<uid>/ptychonn, or from a flat object (default: ptychonn)",
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="model to replay a run with when it has no PtychoNN result"
+    )
+    p.add_argument("--photons-per-frame", type=float, default=None, help="flux (default: the run's metadata)")
+    p.set_defaults(func=refine)
 
     p = sub.add_parser("train-runs", help="train a model on prior runs selected in the Tiled catalog")
     _add_run_training(p)
@@ -74,18 +97,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=fine_tune)
 
 
-def add_iterative_options(parser: argparse.ArgumentParser, prefix: str) -> None:
-    """pty-chi's options (``IterativeOptions``) as ``<prefix>engine``, ``<prefix>epochs``, ..."""
+def add_iterative_options(
+    parser: argparse.ArgumentParser, prefix: str, defaults: IterativeOptions | None = None
+) -> None:
+    """pty-chi's options (``IterativeOptions``) as ``<prefix>engine``, ``<prefix>epochs``, ...
+
+    ``defaults`` (e.g. the refinement's) replace the model's defaults; help still comes from the fields.
+    """
     dest = "iterative_" if prefix != "--" else ""
+    defaults = defaults or IterativeOptions()
     for name, flag in (
         ("engine", "engine"),
         ("epochs", "epochs"),
+        ("stop_tolerance", "tolerance"),
+        ("stop_window", "stop-window"),
+        ("min_epochs", "min-epochs"),
         ("batch_size", "batch-size"),
         ("object_step_size", "step-size"),
         ("refine_probe", "refine-probe"),
         ("device", "device"),
     ):
-        add_field(parser, prefix + flag, IterativeOptions, name, dest=dest + name)
+        add_field(parser, prefix + flag, IterativeOptions, name, dest=dest + name, default=getattr(defaults, name))
 
 
 def _iterative_options(args: argparse.Namespace, dest: str) -> IterativeOptions:
@@ -141,9 +173,15 @@ def replay(args: argparse.Namespace) -> list[dict]:
         options=LiveOptions(batch_size=args.batch_size),
         replace=not args.keep,
         name=args.name,
+        refine=args.refine,
     )
     keys = ("raw_uid", "path", "status", "frames_done", "frames_dropped", "frames_duplicate", "model_hash")
-    return [{k: r.get(k) for k in keys} | {"errors": r["errors"]} for r in results]
+    return [
+        {k: r.get(k) for k in keys}
+        | {"errors": r["errors"]}
+        | ({"refined": _refine_summary(r["refined"])} if "refined" in r else {})
+        for r in results
+    ]
 
 
 def iterative(args: argparse.Namespace) -> list[dict]:
@@ -172,6 +210,38 @@ def iterative(args: argparse.Namespace) -> list[dict]:
             }
         )
     return summaries
+
+
+def refine(args: argparse.Namespace) -> list[dict]:
+    """``refine``: pty-chi seeded with each selected run's PtychoNN image; one summary per run."""
+    from ..archive.refine import refine_runs
+    from ..core.inference import Predictor
+
+    client, raw, items = runs_from_args(args)
+    predictor = None if args.checkpoint is None else Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    results = refine_runs(
+        raw,
+        items,
+        client,
+        options=_iterative_options(args, ""),
+        seed=args.seed_source,
+        predictor=predictor,
+        photons_per_frame=args.photons_per_frame,
+        progress=True,
+    )
+    return [_refine_summary(r) for r in results]
+
+
+def _refine_summary(metadata: dict) -> dict:
+    """The lines of a refinement's metadata worth printing."""
+    keys = ("raw_uid", "path", "status", "engine", "epochs", "max_epochs", "stopped_by", "seconds", "device")
+    errors = metadata.get("error_per_epoch") or [None]
+    return {k: metadata.get(k) for k in keys} | {
+        "final_error": errors[-1],
+        "seed": metadata["seed"]["source"],
+        "seed_replayed": metadata["seed"].get("replayed", False),
+        "probe_source": metadata["probe"]["source"],
+    }
 
 
 def _summary(args: argparse.Namespace, client: Any, path: Path, info: Any) -> dict:

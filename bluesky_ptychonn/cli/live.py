@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +19,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def consume(args: argparse.Namespace) -> None:
-    """``consume``: subscribe to the proxy and reconstruct every ptychography run until interrupted."""
-    from ..live.service import consume, load_config
+    """``consume``: subscribe to the proxy and reconstruct every ptychography run until interrupted.
 
-    consume(load_config(args.config))
+    With ``[refine] enabled``, each run is also refined with pty-chi once its live image is final.
+    The worker is wired here because the live layer may not import the archive layer.
+    """
+    from ..live.service import Consumer, build_callback, load_config, tiled_client
+
+    config = load_config(args.config)
+    if not config.refine.enabled:
+        Consumer(config).run()
+        return
+    from ..archive.refine import RefineWorker
+
+    worker = RefineWorker(
+        tiled_client(config.tiled), options=config.refine.options(), run_timeout_s=config.refine.run_timeout_s
+    )
+    try:
+        Consumer(config, build_callback(config, after_final=worker.submit)).run()
+    finally:
+        logger.warning("waiting for the refinement in progress, if any (interrupt again to abandon it)")
+        worker.close()

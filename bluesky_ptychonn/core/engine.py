@@ -10,6 +10,11 @@ waits for Tiled. Failures are recorded, never raised to the caller:
 * a sink failure (Tiled unreachable) keeps the image in memory and retries with back-off; the
   final image is written once the sink works again (within ``final_retry_s``).
 
+With the run's probe, every batch is also scored against its frames on the inference device
+(:mod:`~bluesky_ptychonn.core.consistency`) and stitched into a trust map beside the image; frames
+worse than the checkpoint's out-of-domain threshold are flagged. Without a probe there is no trust
+map, and the metadata says why.
+
 The class knows nothing of Bluesky: the callback and replay both feed it.
 """
 
@@ -25,8 +30,9 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import Field
 
-from ..errors import PositionError
+from ..errors import ConfigurationError, PositionError
 from .config import Frozen
+from .consistency import STATISTIC, ConsistencyModel
 from .geometry import ObjectGrid
 from .preprocess import bad_frames
 from .stitching import PatchStitcher, StitchedImage, patch_window
@@ -59,6 +65,33 @@ class LiveOptions(Frozen):
 
 _STOP = object()
 
+#: Flagged frame ids kept in the metadata (the count is always complete).
+MAX_FLAGGED_IDS = 100
+
+
+def _consistency(predictor: Any, probe: np.ndarray | None, probe_source: str) -> tuple[ConsistencyModel | None, dict]:
+    """The run's forward model (or None) and the trust section of the result's metadata."""
+    if probe is None:
+        return None, {"available": False, "reason": probe_source or "no probe, so the preview cannot be checked"}
+    try:
+        model = ConsistencyModel(probe, predictor.info.recipe, predictor.device)
+    except ConfigurationError as err:
+        return None, {"available": False, "reason": str(err), "probe_source": probe_source}
+    calibration = predictor.info.metrics.get("consistency") or {}
+    threshold = calibration.get("threshold")
+    return model, {
+        "available": True,
+        "statistic": STATISTIC,
+        "meaning": "normalised error of the preview's Fourier magnitudes against the frames; 0 is perfect",
+        "probe_source": probe_source,
+        "threshold": threshold,
+        "threshold_rule": calibration.get("rule")
+        if threshold is not None
+        else "none: the checkpoint records no validation consistency, so no frame is flagged",
+        "frames_flagged": 0,
+        "flagged_ids": [],
+    }
+
 
 class LiveReconstruction:
     """Reconstructs one run from frames submitted in any order and any batch size."""
@@ -70,12 +103,19 @@ class LiveReconstruction:
         sink: Sink | None,
         metadata: dict[str, Any],
         options: LiveOptions | None = None,
+        *,
+        probe: np.ndarray | None = None,
+        probe_source: str = "",
     ) -> None:
         self.predictor = predictor
         self.options = options or LiveOptions()
         n = predictor.patch_pixels
-        self.stitcher = PatchStitcher(grid, n, patch_window(n, self.options.window))
+        self.consistency, trust = _consistency(predictor, probe, probe_source)
+        footprint = self.consistency.footprint if self.consistency else None
+        self.stitcher = PatchStitcher(grid, n, patch_window(n, self.options.window), trust_window=footprint)
         self.sink = sink
+        self._frame_errors: list[np.ndarray] = []
+        self._flagged_ids: list[int] = []
         self.metadata = {
             **metadata,
             "status": "running",
@@ -86,8 +126,9 @@ class LiveReconstruction:
             "frames_dropped": 0,
             "frames_duplicate": 0,
             "errors": [],
+            "trust": trust,
         }
-        self.timings: dict[str, float] = {"inference_s": 0.0, "stitch_s": 0.0, "publish_s": 0.0}
+        self.timings: dict[str, float] = {"inference_s": 0.0, "consistency_s": 0.0, "stitch_s": 0.0, "publish_s": 0.0}
         # (time, frames so far) at each submit and each successful publish, for latency figures.
         self.submit_log: list[tuple[float, int]] = []
         self.publish_log: list[tuple[float, int]] = []
@@ -196,12 +237,35 @@ class LiveReconstruction:
         t0 = time.perf_counter()
         amplitude, phase = self.predictor.predict(frames[keep])
         t1 = time.perf_counter()
+        errors = None
+        if self.consistency is not None:
+            errors = self.consistency.score(amplitude, phase, frames[keep]).error
+        t2 = time.perf_counter()
         with self._lock:
-            self.stitcher.add(amplitude, phase, positions[keep])
+            self.stitcher.add(amplitude, phase, positions[keep], trust=errors)
             self.metadata["frames_done"] = self.stitcher.frames
+            if errors is not None:
+                self._record_trust(ids[keep], errors)
         self.timings["inference_s"] += t1 - t0
-        self.timings["stitch_s"] += time.perf_counter() - t1
+        self.timings["consistency_s"] += t2 - t1
+        self.timings["stitch_s"] += time.perf_counter() - t2
         self._dirty.set()
+
+    def _record_trust(self, ids: np.ndarray, errors: np.ndarray) -> None:
+        """Summarise the trust statistic so far in the metadata (called under the lock)."""
+        trust = self.metadata["trust"]
+        self._frame_errors.append(errors)
+        everything = np.concatenate(self._frame_errors)
+        threshold = trust.get("threshold")
+        if threshold is not None:
+            flagged = ids[errors > threshold]
+            room = MAX_FLAGGED_IDS - len(self._flagged_ids)
+            self._flagged_ids.extend(int(i) for i in flagged[:room])
+            trust["frames_flagged"] += int(len(flagged))
+            trust["flagged_ids"] = list(self._flagged_ids)
+        trust["mean"] = float(everything.mean())
+        trust["median"] = float(np.median(everything))
+        trust["p95"] = float(np.percentile(everything, 95))
 
     def _accept(self, ids: np.ndarray, frames: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Mask of frames to reconstruct; the rest are counted as dropped or duplicate."""
@@ -271,7 +335,12 @@ class LiveReconstruction:
             return True
         with self._lock:
             image = self.stitcher.snapshot()
-            metadata = {**self.metadata, "errors": list(self.metadata["errors"]), "timings": dict(self.timings)}
+            metadata = {
+                **self.metadata,
+                "errors": list(self.metadata["errors"]),
+                "trust": dict(self.metadata["trust"]),
+                "timings": dict(self.timings),
+            }
         t0 = time.perf_counter()
         try:
             self.sink.publish(image, metadata)

@@ -6,6 +6,7 @@ runs pty-chi with them. Nothing here imports torch or pty-chi.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,7 +17,16 @@ from .config import Frozen
 from .geometry import ObjectGrid
 from .stitching import StitchedImage
 
-__all__ = ["DEFAULT_BATCH_SIZE", "LSQML_STEP_SIZE", "IterativeOptions", "IterativeResult", "epie_step_size"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "LSQML_STEP_SIZE",
+    "EpochMonitor",
+    "IterativeOptions",
+    "IterativeResult",
+    "StopReason",
+    "converged",
+    "epie_step_size",
+]
 
 #: Per-engine default batch sizes: those of pty-chi's own ePIE and LSQML tests.
 DEFAULT_BATCH_SIZE: dict[str, int] = {"epie": 100, "lsqml": 96}
@@ -31,7 +41,20 @@ class IterativeOptions(Frozen):
     engine: Literal["epie", "lsqml"] = Field(
         "epie", description="pty-chi engine: 'epie' (batched ePIE) or 'lsqml' (least-squares maximum likelihood)."
     )
-    epochs: int = Field(100, ge=1, description="Passes over all frames.")
+    epochs: int = Field(100, ge=1, description="Passes over all frames: the most that run (see stop_tolerance).")
+    stop_tolerance: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "Stop early once the data-fit error fell by less than this fraction over the last stop_window "
+            "epochs (a rise counts as no decrease); None runs all epochs."
+        ),
+    )
+    stop_window: int = Field(10, ge=1, description="Epochs over which the stopping rule measures the decrease.")
+    min_epochs: int = Field(
+        10, ge=1, description="Never stop on the tolerance before this many epochs (nor before stop_window + 1)."
+    )
     batch_size: int | None = Field(
         None, ge=1, description="Frames per update; None takes the engine's default (ePIE 100, LSQML 96)."
     )
@@ -62,6 +85,32 @@ class IterativeOptions(Frozen):
     )
 
 
+#: Why the epochs ended: the stopping rule, the epoch limit, or the caller's monitor.
+StopReason = Literal["tolerance", "max_epochs", "monitor"]
+
+#: Called after each epoch with (epoch counted from 1, its data-fit error, a function returning the
+#: current (H, W) complex64 object); returning True stops the reconstruction. The object is copied
+#: off the device only when the function is called, so a monitor that does not look costs nothing.
+EpochMonitor = Callable[[int, float, Callable[[], np.ndarray]], bool]
+
+
+def converged(errors: Sequence[float], options: IterativeOptions) -> bool:
+    """Whether the stopping rule of ``options`` holds after the epochs whose errors are ``errors``.
+
+    The rule compares the last error with the one ``stop_window`` epochs earlier, so a noisy
+    error (LSQML's minibatches) does not stop the run on one lucky epoch; a relative decrease
+    below ``stop_tolerance`` (or a rise) means more epochs no longer pay.
+    """
+    if options.stop_tolerance is None:
+        return False
+    if len(errors) < max(options.min_epochs, options.stop_window + 1):
+        return False
+    before, last = errors[-1 - options.stop_window], errors[-1]
+    if not np.isfinite(last):  # diverged: more epochs will not bring it back
+        return True
+    return bool(before > 0 and (before - last) / before < options.stop_tolerance)
+
+
 @dataclass
 class IterativeResult:
     """An iterative reconstruction on an object grid.
@@ -82,6 +131,7 @@ class IterativeResult:
     engine : str
         ``"epie"`` or ``"lsqml"``.
     epochs : int
+        Epochs actually run (at most ``options.epochs``).
     step_size : float
         The step size used (the resolved default when none was given).
     error_per_epoch : list of float
@@ -89,9 +139,11 @@ class IterativeResult:
         and measured amplitudes (square roots of counts) per detector pixel, averaged over the
         epoch's minibatches. Poisson noise alone leaves about 0.25 where counts are high.
     seconds : float
-        Wall-clock time of the epochs, without the set-up.
+        Wall-clock time of the epochs, without the set-up or the time spent in a monitor.
     device : str
         The torch device that ran them, e.g. ``"cpu"`` or ``"cuda:0"``.
+    stopped_by : {"tolerance", "max_epochs", "monitor"}
+        Why the epochs ended (:data:`StopReason`).
     """
 
     obj: np.ndarray
@@ -105,6 +157,7 @@ class IterativeResult:
     error_per_epoch: list[float]
     seconds: float
     device: str
+    stopped_by: StopReason = "max_epochs"
 
     @property
     def amplitude(self) -> np.ndarray:

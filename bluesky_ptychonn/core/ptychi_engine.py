@@ -34,7 +34,16 @@ import numpy as np
 from ..errors import ConfigurationError, FrameError
 from .device import choose_device
 from .geometry import GRID_MARGIN_PIXELS, ObjectGrid, check_positions
-from .iterative import DEFAULT_BATCH_SIZE, LSQML_STEP_SIZE, IterativeOptions, IterativeResult, epie_step_size
+from .iterative import (
+    DEFAULT_BATCH_SIZE,
+    LSQML_STEP_SIZE,
+    EpochMonitor,
+    IterativeOptions,
+    IterativeResult,
+    StopReason,
+    converged,
+    epie_step_size,
+)
 from .preprocess import check_frames
 from .stitching import PatchStitcher
 
@@ -54,6 +63,7 @@ def reconstruct_iterative(
     grid: ObjectGrid | None = None,
     initial_object: np.ndarray | None = None,
     progress: bool = False,
+    monitor: EpochMonitor | None = None,
 ) -> IterativeResult:
     """Reconstruct the object of a whole scan with pty-chi.
 
@@ -73,7 +83,8 @@ def reconstruct_iterative(
         ``photons_per_frame``). For measured data without a flux reading, the largest frame sum over
         a transparent region is a fair estimate; an error here scales the recovered amplitude.
     options : IterativeOptions, optional
-        Engine, epochs and step sizes; defaults to 100 epochs of ePIE with the probe fixed.
+        Engine, epochs (the most that run), stopping rule and step sizes; defaults to 100 epochs of
+        ePIE with the probe fixed.
     grid : ObjectGrid, optional
         Grid to reconstruct on, e.g. the simulation's, so the result compares pixel for pixel with
         its truth. Its pixel size must be ``pixel_size_m``. Default: the smallest grid covering every
@@ -82,6 +93,10 @@ def reconstruct_iterative(
         Starting guess on ``grid`` (e.g. a network reconstruction); default a flat object of ones.
     progress : bool
         Show a progress bar over the epochs.
+    monitor : EpochMonitor, optional
+        Called after each epoch with ``(epoch, error, current_object)``, where ``current_object()``
+        returns the (H, W) complex64 object then (copied only when called); True stops the run.
+        Benchmarks record quality per epoch with it; its time is not counted in ``seconds``.
 
     Returns
     -------
@@ -155,7 +170,7 @@ def reconstruct_iterative(
         )
         with task:
             ran_on = str(torch.get_default_device())
-            errors, seconds = _run_epochs(task, options.epochs, progress)
+            errors, seconds, stopped_by = _run_epochs(task, options, progress, monitor)
             obj = task.get_data_to_cpu("object", as_numpy=True)[0].astype(np.complex64)
             probe_out = (task.get_data_to_cpu("probe", as_numpy=True)[0, 0] / flux_scale).astype(np.complex64)
     return IterativeResult(
@@ -165,11 +180,12 @@ def reconstruct_iterative(
         grid=grid,
         frames=len(frames),
         engine=options.engine,
-        epochs=options.epochs,
+        epochs=len(errors),
         step_size=step,
         error_per_epoch=errors,
         seconds=seconds,
         device=ran_on,
+        stopped_by=stopped_by,
     )
 
 
@@ -259,16 +275,36 @@ def _task_options(
     return task_options
 
 
-def _run_epochs(task: Any, epochs: int, progress: bool) -> tuple[list[float], float]:
-    """Run ``epochs`` epochs one at a time (for the progress bar); return the error per epoch and the time."""
+def _run_epochs(
+    task: Any, options: IterativeOptions, progress: bool, monitor: EpochMonitor | None
+) -> tuple[list[float], float, StopReason]:
+    """Run epochs one at a time until the limit, the stopping rule or the monitor ends them.
+
+    Returns the error per epoch, the seconds spent in pty-chi (not in the monitor) and why it stopped.
+    """
     from tqdm import tqdm
 
-    start = time.perf_counter()
-    for _ in tqdm(range(epochs), desc="iterative", unit="epoch", disable=not progress):
-        task.run(1)
-    seconds = time.perf_counter() - start
-    table = task.reconstructor.loss_tracker.table
-    return [float(x) for x in table["loss"].to_numpy()], seconds
+    def current_object() -> np.ndarray:
+        return task.get_data_to_cpu("object", as_numpy=True)[0].astype(np.complex64)
+
+    errors: list[float] = []
+    seconds = 0.0
+    stopped_by: StopReason = "max_epochs"
+    with tqdm(total=options.epochs, desc="iterative", unit="epoch", disable=not progress) as bar:
+        for epoch in range(1, options.epochs + 1):
+            start = time.perf_counter()
+            task.run(1)
+            seconds += time.perf_counter() - start
+            # pty-chi's loss tracker appends one row per epoch: the mean of the epoch's minibatch losses.
+            errors.append(float(task.reconstructor.loss_tracker.table["loss"].to_numpy()[-1]))
+            bar.update(1)
+            if monitor is not None and monitor(epoch, errors[-1], current_object):
+                stopped_by = "monitor"
+                break
+            if converged(errors, options):
+                stopped_by = "tolerance"
+                break
+    return errors, seconds, stopped_by
 
 
 def _illumination(grid: ObjectGrid, probe: np.ndarray, positions_m: np.ndarray) -> np.ndarray:

@@ -35,15 +35,26 @@ def patch_window(n: int, kind: str = "gaussian", *, width_fraction: float = 0.15
     raise ValueError(f"unknown window {kind!r}; expected 'gaussian', 'central' or 'uniform'")
 
 
+#: Trust is defined where the summed probe footprints reach this fraction of one footprint's peak;
+#: beyond, only the probe's faint tails reach and the ratio is noise.
+TRUST_MIN_FOOTPRINT = 0.01
+
+
 @dataclass
 class StitchedImage:
-    """A snapshot of a stitched object: (H, W) float32 amplitude, phase (radians) and weight."""
+    """A snapshot of a stitched object: (H, W) float32 amplitude, phase (radians) and weight.
+
+    ``trust``, when the stitcher keeps one, is the (H, W) float32 map of per-frame consistency
+    errors (:mod:`~bluesky_ptychonn.core.consistency`, lower is better) averaged with the probe's
+    footprint as weight; NaN where no frame's footprint reaches.
+    """
 
     amplitude: np.ndarray
     phase: np.ndarray
     weight: np.ndarray
     grid: ObjectGrid
     frames: int
+    trust: np.ndarray | None = None
 
     def covered(self, fraction: float = 0.1) -> np.ndarray:
         """Mask of pixels whose weight is at least ``fraction`` of the maximum."""
@@ -56,24 +67,42 @@ class PatchStitcher:
 
     Each patch is resampled bilinearly onto the grid (the rule of
     :func:`~bluesky_ptychonn.core.geometry.extract_patches`) and added with ``window`` as its weight.
+    With a ``trust_window`` (the probe's footprint), one value per patch is stitched as well: the
+    trust map.
     """
 
-    def __init__(self, grid: ObjectGrid, patch_pixels: int, window: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        grid: ObjectGrid,
+        patch_pixels: int,
+        window: np.ndarray | None = None,
+        trust_window: np.ndarray | None = None,
+    ) -> None:
         self.grid = grid
         self.n = patch_pixels
-        self.window = np.ones((patch_pixels, patch_pixels), np.float32) if window is None else window.astype(np.float32)
-        if self.window.shape != (patch_pixels, patch_pixels):
-            raise ValueError(f"window shape {self.window.shape} does not match patches of {patch_pixels} pixels")
+        self.window = self._checked(np.ones((patch_pixels, patch_pixels)) if window is None else window)
+        self.trust_window = None if trust_window is None else self._checked(trust_window)
         self._amp = np.zeros(grid.shape, np.float64)
         self._phasor = np.zeros(grid.shape, np.complex128)
         self._weight = np.zeros(grid.shape, np.float64)
+        self._trust = np.zeros(grid.shape, np.float64) if trust_window is not None else None
+        self._trust_weight = np.zeros(grid.shape, np.float64)
         self.frames = 0
 
-    def add(self, amplitude: np.ndarray, phase: np.ndarray, positions_m: np.ndarray) -> None:
+    def _checked(self, window: np.ndarray) -> np.ndarray:
+        if window.shape != (self.n, self.n):
+            raise ValueError(f"window shape {window.shape} does not match patches of {self.n} pixels")
+        return window.astype(np.float32)
+
+    def add(
+        self, amplitude: np.ndarray, phase: np.ndarray, positions_m: np.ndarray, trust: np.ndarray | None = None
+    ) -> None:
         """Add (N, n, n) amplitude and phase patches centred at (N, 2) positions in metres.
 
-        Positions whose patch leaves the grid raise :class:`~bluesky_ptychonn.errors.PositionError`
-        before anything is added, so a failed call leaves the image unchanged.
+        ``trust`` (N,) holds each patch's consistency error; it is required when the stitcher
+        keeps a trust map and refused otherwise. Positions whose patch leaves the grid raise
+        :class:`~bluesky_ptychonn.errors.PositionError` before anything is added, so a failed call
+        leaves the image unchanged.
         """
         amplitude, phase = np.asarray(amplitude), np.asarray(phase)
         if amplitude.shape != phase.shape or amplitude.ndim != 3 or amplitude.shape[1:] != (self.n, self.n):
@@ -83,6 +112,11 @@ class PatchStitcher:
             )
         if len(positions_m) != len(amplitude):
             raise FrameError(f"{len(amplitude)} patches but {len(positions_m)} positions")
+        if (trust is None) != (self._trust is None) or (trust is not None and len(trust) != len(amplitude)):
+            raise FrameError(
+                f"this stitcher {'keeps' if self._trust is not None else 'keeps no'} trust map; "
+                f"got trust values {None if trust is None else np.shape(trust)} for {len(amplitude)} patches"
+            )
         corners = self.grid.patch_corners(positions_m, self.n)
         phasor = np.exp(1j * phase.astype(np.float64))
         for k, (cy, cx) in enumerate(corners):
@@ -99,6 +133,10 @@ class PatchStitcher:
                     self._amp[sl] += ww * amplitude[k]
                     self._phasor[sl] += ww * phasor[k]
                     self._weight[sl] += ww
+                    if self._trust is not None and self.trust_window is not None and trust is not None:
+                        tw = w * self.trust_window
+                        self._trust[sl] += tw * float(trust[k])
+                        self._trust_weight[sl] += tw
         self.frames += len(amplitude)
 
     def snapshot(self) -> StitchedImage:
@@ -107,10 +145,16 @@ class PatchStitcher:
         safe = np.where(covered, self._weight, 1.0)
         amplitude = np.where(covered, self._amp / safe, 0.0)
         phase = np.where(covered, np.angle(self._phasor), 0.0)
+        trust = None
+        if self._trust is not None:
+            reached = self._trust_weight >= TRUST_MIN_FOOTPRINT
+            trust = np.where(reached, self._trust / np.where(reached, self._trust_weight, 1.0), np.nan)
+            trust = trust.astype(np.float32)
         return StitchedImage(
             amplitude=amplitude.astype(np.float32),
             phase=phase.astype(np.float32),
             weight=self._weight.astype(np.float32),
             grid=self.grid,
             frames=self.frames,
+            trust=trust,
         )

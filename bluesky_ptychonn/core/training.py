@@ -43,7 +43,10 @@ class TrainingSet:
     groups : (N,) int
         Which scan each frame came from; each scan gives its own validation block.
     sources : list of dict
-        Provenance of each group (file or run uid, label source), stored in the checkpoint.
+        Provenance of each group (file or run uid, label source, probe description), stored in the checkpoint.
+    probes : list of (n, n) complex or None
+        Each group's probe, where known: the checkpoint's validation block is scored with it to set
+        the out-of-domain threshold of live trust maps (:mod:`~bluesky_ptychonn.core.consistency`).
     """
 
     frames: np.ndarray
@@ -52,6 +55,7 @@ class TrainingSet:
     positions_m: np.ndarray
     groups: np.ndarray
     sources: list[dict[str, Any]] = field(default_factory=list)
+    probes: list[np.ndarray | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.frames)
@@ -65,9 +69,12 @@ class TrainingSet:
     def concatenate(cls, parts: list[TrainingSet]) -> TrainingSet:
         """Join sets from several scans, renumbering their groups."""
         groups, offset = [], 0
+        probes: list[np.ndarray | None] = []
         for p in parts:
             groups.append(p.groups + offset)
-            offset += int(p.groups.max()) + 1 if len(p.groups) else 0
+            size = int(p.groups.max()) + 1 if len(p.groups) else 0
+            probes.extend(p.probes[g] if g < len(p.probes) else None for g in range(size))
+            offset += size
         return cls(
             frames=np.concatenate([p.frames for p in parts]),
             amplitude=np.concatenate([p.amplitude for p in parts]),
@@ -75,6 +82,7 @@ class TrainingSet:
             positions_m=np.concatenate([p.positions_m for p in parts]),
             groups=np.concatenate(groups),
             sources=[s for p in parts for s in p.sources],
+            probes=probes,
         )
 
 
@@ -201,6 +209,12 @@ def fit(
         )
     model.load_state_dict(best_state)
     model.eval()
+    metrics: dict[str, Any] = {}
+    calibration = _validation_consistency(model, recipe, data, val_idx, dev)
+    if calibration is not None:
+        metrics["consistency"] = calibration
+    descriptions = [s.get("probe") for s in data.sources]
+    shared_probe = descriptions[0] if descriptions and all(d and d == descriptions[0] for d in descriptions) else None
     info = CheckpointInfo(
         network=network,
         recipe=recipe,
@@ -211,8 +225,10 @@ def fit(
             "validation_split": "spatial block: largest y of each scan",
             "train_config": config.model_dump(mode="json"),
             "device": str(dev),
+            **({"probe": shared_probe} if shared_probe else {}),
         },
         metrics={
+            **metrics,
             "best_val_loss": best_loss,
             "best_epoch": best_epoch,
             "epochs_run": len(history),
@@ -221,6 +237,31 @@ def fit(
         },
     )
     return model, info
+
+
+def _validation_consistency(
+    model: PtychoNN, recipe: PreprocessRecipe, data: TrainingSet, val_idx: np.ndarray, dev: torch.device
+) -> dict[str, Any] | None:
+    """Consistency errors of the trained model on the validation block, and the out-of-domain threshold.
+
+    None when no validation group has a probe that can model the patches (then live trust maps
+    are drawn, but no frame is flagged).
+    """
+    from .consistency import ConsistencyModel, out_of_domain_threshold, unsupported_reason
+    from .inference import Predictor
+
+    predictor = Predictor(model, CheckpointInfo(network=model.config, recipe=recipe), device=str(dev))
+    errors = []
+    for g in np.unique(data.groups[val_idx]):
+        probe = data.probes[g] if g < len(data.probes) else None
+        if probe is None or unsupported_reason(recipe, probe.shape):
+            continue
+        idx = val_idx[data.groups[val_idx] == g]
+        amplitude, phase = predictor.predict(data.frames[idx])
+        errors.append(ConsistencyModel(probe, recipe, dev).score(amplitude, phase, data.frames[idx]).error)
+    if not errors:
+        return None
+    return out_of_domain_threshold(np.concatenate(errors))
 
 
 def choose_transform(

@@ -33,8 +33,15 @@ def training_set_from_scan(scan: ScanData, *, lines: float = 1.0, source: dict |
         positions_m=scan.positions_m[index],
         groups=np.zeros(len(index), np.int64),
         sources=[
-            {**(source or {}), "label_source": "simulation_truth", "lines_fraction": lines, "frames": int(len(index))}
+            {
+                **(source or {}),
+                "label_source": "simulation_truth",
+                "lines_fraction": lines,
+                "frames": int(len(index)),
+                **({"probe": scan.metadata["probe"]} if scan.metadata.get("probe") else {}),
+            }
         ],
+        probes=[scan.probe],
     )
 
 

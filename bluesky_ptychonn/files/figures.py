@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,11 +17,13 @@ def save_figure(
     *,
     mask: np.ndarray | None = None,
     title: str = "",
+    maps: list[tuple[str, np.ndarray, str]] | None = None,
 ) -> Path:
     """Write a figure with one column per (label, amplitude, phase) panel and rows amplitude, phase.
 
     All panels share ``grid`` and are cropped to the bounding box of ``mask`` (the scanned region)
-    when given; axes are in micrometres.
+    when given; axes are in micrometres. ``maps`` adds a third row of single maps (label, image,
+    colormap), e.g. a trust map and the preview's error, each with its own colour range.
     """
     import matplotlib
 
@@ -38,17 +41,27 @@ def save_figure(
         )
     amp_range = [np.percentile(np.concatenate([a[box].ravel() for _, a, _ in panels]), q) for q in (1, 99)]
     phase_range = [np.percentile(np.concatenate([ph[box].ravel() for _, _, ph in panels]), q) for q in (1, 99)]
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.6), squeeze=False)
+    maps = maps or []
+    n_rows, n_cols = (3 if maps else 2), max(len(panels), len(maps))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.8 * n_rows), squeeze=False)
+
+    def draw(ax: Any, image: np.ndarray, label: str, cmap: str, lo: float, hi: float) -> None:
+        im = ax.imshow(image[box], extent=tuple(extent), vmin=lo, vmax=hi, cmap=cmap)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("x (µm)")
+        ax.set_ylabel("y (µm)")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+
     for col, (label, amplitude, phase) in enumerate(panels):
-        for row, (name, image, (lo, hi), cmap) in enumerate(
-            (("amplitude", amplitude, amp_range, "gray"), ("phase (rad)", phase, phase_range, "viridis"))
-        ):
-            ax = axes[row, col]
-            im = ax.imshow(image[box], extent=tuple(extent), vmin=lo, vmax=hi, cmap=cmap)
-            ax.set_title(f"{label}: {name}", fontsize=10)
-            ax.set_xlabel("x (µm)")
-            ax.set_ylabel("y (µm)")
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        draw(axes[0, col], amplitude, f"{label}: amplitude", "gray", *amp_range)
+        draw(axes[1, col], phase, f"{label}: phase (rad)", "viridis", *phase_range)
+    for col, (label, image, cmap) in enumerate(maps):
+        finite = image[box][np.isfinite(image[box])]
+        lo, hi = np.percentile(finite, (1, 99)) if len(finite) else (0.0, 1.0)
+        draw(axes[2, col], image, label, cmap, lo, hi)
+    for ax in axes.ravel():
+        if not ax.images:
+            ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()

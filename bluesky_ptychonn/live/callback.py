@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from ..core.engine import LiveOptions, LiveReconstruction
 from ..core.geometry import GRID_MARGIN_PIXELS
 from ..errors import RunError
 from ..files.readers import DataRoots
+from ..tiled_paths import stored_probe
 from .frames import DatumFrames, StreamFrames, per_point, stream_indices
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,13 @@ class CallbackConfig(Frozen):
         GRID_MARGIN_PIXELS, ge=0, description="Object-grid margin beyond the scan extent (jitter, noise)."
     )
     live: LiveOptions = Field(default_factory=LiveOptions, description="Batching, cadence and retry policy.")
+    probe_run: str | None = Field(
+        None,
+        description=(
+            "uid of a run of the same set-up whose stored iterative reconstruction (processed/<uid>/iterative) lends "
+            "its probe to the trust map of runs that describe none."
+        ),
+    )
 
 
 @make_class_safe(logger=logger)
@@ -169,7 +178,7 @@ class RunReconstructor(DocumentRouter):
         if sink is None:
             return
         try:
-            sink.record_failure(
+            sink.write_metadata(
                 {
                     "raw_uid": self.uid,
                     "status": "failed",
@@ -201,7 +210,19 @@ class RunReconstructor(DocumentRouter):
             "started": time.time(),
             "source": "live",
         }
-        self.live = LiveReconstruction(predictor, grid, self.owner.sink_for(self.uid), metadata, self.config.live)
+        stored = stored_probe(self.owner.client, self.config.probe_run)
+        if self.config.probe_run and stored is None:
+            self.fail(f"probe_run {self.config.probe_run}: no complete iterative reconstruction with a probe in Tiled")
+        probe, probe_source = schema.probe_for(section, predictor.info.provenance, stored)
+        self.live = LiveReconstruction(
+            predictor,
+            grid,
+            self.owner.sink_for(self.uid),
+            metadata,
+            self.config.live,
+            probe=probe,
+            probe_source=probe_source,
+        )
         for message in self.errors:
             self.live.record_error(message)
         self.active = True
@@ -273,9 +294,21 @@ class RunReconstructor(DocumentRouter):
                 reason=doc.get("reason", ""),
                 frames_pending=sum(len(v) for v in self._pending.values()),
             )
+            if self.owner.after_final is not None:
+                # Waiting for the final image here would hold up the RunEngine (or the dispatcher).
+                threading.Thread(target=self._after_final, name=f"ptychonn-after-{self.uid[:8]}", daemon=True).start()
         finally:
             self._stream_frames.close()
             self._datum_frames.close()
+
+    def _after_final(self) -> None:
+        """Call the owner's ``after_final`` hook once the final image is written; log, never raise."""
+        hook = self.owner.after_final
+        try:
+            if self.live is not None and hook is not None and self.live.wait():
+                hook(self.uid)
+        except Exception as err:
+            logger.error("run %s: the after-final hook failed: %r", self.uid, err)
 
     # -- frame matching ---------------------------------------------------------------------
 
@@ -310,6 +343,10 @@ class PtychoNNCallback:
         Tiled root to write ``processed/<uid>/ptychonn`` into (None: keep results in memory only).
     config : CallbackConfig
         Data keys, data roots and the live policy (defaults: :class:`CallbackConfig`).
+    after_final : callable, optional
+        Called with a run's uid on a background thread once its final image is written (never on
+        the RunEngine's thread), e.g. :meth:`~bluesky_ptychonn.archive.refine.RefineWorker.submit`
+        to refine every run with pty-chi; it should return quickly. Its exceptions are logged.
 
     Notes
     -----
@@ -318,17 +355,31 @@ class PtychoNNCallback:
     a run's own handlers.
     """
 
-    def __init__(self, predictor: Any, client: Any, config: CallbackConfig | None = None) -> None:
+    def __init__(
+        self,
+        predictor: Any,
+        client: Any,
+        config: CallbackConfig | None = None,
+        *,
+        after_final: Callable[[str], None] | None = None,
+    ) -> None:
         self.predictor = predictor
         self.client = client
         self.config = config or CallbackConfig()
+        self.after_final = after_final
         self.runs: dict[str, RunReconstructor] = {}
         self._router = RunRouter([self._factory])
         self._lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: str | Path, client: Any, *, device: str = "auto", **config: Any
+        cls,
+        checkpoint: str | Path,
+        client: Any,
+        *,
+        device: str = "auto",
+        after_final: Callable[[str], None] | None = None,
+        **config: Any,
     ) -> PtychoNNCallback:
         """Load a checkpoint (validated, never unpickled) and build the callback.
 
@@ -340,12 +391,19 @@ class PtychoNNCallback:
             Where results go (None: in memory only).
         device : str
             ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        after_final : callable, optional
+            See the class.
         **config
             Fields of :class:`CallbackConfig`.
         """
         from ..core.inference import Predictor
 
-        return cls(Predictor.from_checkpoint(checkpoint, device=device), client, CallbackConfig(**config))
+        return cls(
+            Predictor.from_checkpoint(checkpoint, device=device),
+            client,
+            CallbackConfig(**config),
+            after_final=after_final,
+        )
 
     def sink_for(self, uid: str) -> Any:
         """The Tiled sink of run ``uid``'s result (None without a client).

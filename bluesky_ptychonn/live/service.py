@@ -11,6 +11,7 @@ The configuration is a TOML file (see ``callbacks/ptychonn.toml``)::
     [zmq]       address = "tcp://127.0.0.1:5578", publish_address = "tcp://127.0.0.1:5577"
     [callback]  data_roots = ["/data"], frames_key = "diffraction", ...  (CallbackConfig)
     [live]      batch_size = 64, publish_interval_s = 1.0, ...            (LiveOptions)
+    [refine]    enabled = false, engine = "lsqml", epochs = 200, ...     (RefineSection)
 
 Any key can be overridden from the environment, ``PTYCHONN_<TABLE>__<KEY>`` (for example
 ``PTYCHONN_TILED__URI``, ``PTYCHONN_LIVE__BATCH_SIZE``; lists and tables as JSON). Keyword
@@ -29,9 +30,10 @@ import logging
 import os
 import threading
 import tomllib
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -44,6 +46,8 @@ from pydantic_settings import (
 
 from ..core.config import Frozen
 from ..core.engine import LiveOptions
+from ..core.iterative import IterativeOptions
+from ..core.refine import REFINE_OPTIONS, RUN_ARRIVAL_TIMEOUT_S
 from ..errors import CheckpointError, ConfigurationError, DocumentDecodeError
 from .callback import CallbackConfig, PtychoNNCallback
 from .wire import deserialize
@@ -95,6 +99,35 @@ class ZmqSection(Frozen):
     prefix: str = Field("", pattern=r"^[^ ]*$", description="0MQ topic prefix, as given to the Publisher; no spaces.")
 
 
+class RefineSection(Frozen):
+    """``[refine]``: after each run's live image is final, refine it with pty-chi seeded by that image.
+
+    The refinement runs on one background thread of the consumer and writes
+    ``processed/<uid>/refined``; it never delays the live images of the next runs' inference
+    beyond sharing the machine. Defaults are those of :data:`~bluesky_ptychonn.core.refine.REFINE_OPTIONS`.
+    """
+
+    enabled: bool = Field(False, description="Refine every run automatically (needs a [tiled] section).")
+    engine: Literal["epie", "lsqml"] = Field(REFINE_OPTIONS.engine, description="pty-chi engine.")
+    epochs: int = Field(REFINE_OPTIONS.epochs, ge=1, description="Most epochs per run.")
+    stop_tolerance: float | None = Field(
+        REFINE_OPTIONS.stop_tolerance,
+        gt=0,
+        lt=1,
+        description="Stop once the error falls by less than this fraction over 10 epochs; None runs all epochs.",
+    )
+    refine_probe: bool = Field(False, description="Also refine the probe.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where pty-chi computes.")
+    run_timeout_s: float = Field(
+        RUN_ARRIVAL_TIMEOUT_S, ge=0, description="Longest wait for the raw run's stop document to reach Tiled."
+    )
+
+    def options(self) -> IterativeOptions:
+        """The pty-chi options this section describes (the refinement defaults, with its fields)."""
+        fields = ("engine", "epochs", "stop_tolerance", "refine_probe", "device")
+        return IterativeOptions(**{**REFINE_OPTIONS.model_dump(), **{k: getattr(self, k) for k in fields}})
+
+
 #: The configuration file being loaded; read by :meth:`ServiceConfig.settings_customise_sources`,
 #: which pydantic-settings calls without a way to pass the path given at run time.
 _config_file: ContextVar[Path | None] = ContextVar("ptychonn_config_file", default=None)
@@ -136,6 +169,7 @@ class ServiceConfig(BaseSettings, Frozen):
         default_factory=CallbackConfig, description="Data keys and data roots ([live] holds the live policy)."
     )
     live: LiveOptions = Field(default_factory=LiveOptions, description="Batching, cadence and retry policy.")
+    refine: RefineSection = Field(default_factory=RefineSection, description="Automatic pty-chi refinement.")
 
     @classmethod
     def settings_customise_sources(
@@ -155,6 +189,8 @@ class ServiceConfig(BaseSettings, Frozen):
     def _live_in_one_place(self) -> ServiceConfig:
         if "live" in self.callback.model_fields_set:
             raise ValueError("the live options belong in the [live] table, not in [callback]")
+        if self.refine.enabled and self.tiled is None:
+            raise ValueError("[refine] enabled needs a [tiled] section: refinement reads the run from Tiled")
         return self
 
     def callback_config(self) -> CallbackConfig:
@@ -291,12 +327,16 @@ class ModelWatcher:
         self._stop.set()
 
 
-def build_callback(config: ServiceConfig) -> PtychoNNCallback:
-    """The callback a service configuration describes (model loaded, Tiled client connected)."""
+def build_callback(config: ServiceConfig, *, after_final: Callable[[str], None] | None = None) -> PtychoNNCallback:
+    """The callback a service configuration describes (model loaded, Tiled client connected).
+
+    ``after_final`` is the callback's hook for each run whose final image is written (the command
+    line passes a refinement worker's ``submit`` there when ``[refine]`` is enabled).
+    """
     from ..core.inference import Predictor
 
     predictor = Predictor.from_checkpoint(config.model.checkpoint, device=config.model.device)
-    return PtychoNNCallback(predictor, tiled_client(config.tiled), config.callback_config())
+    return PtychoNNCallback(predictor, tiled_client(config.tiled), config.callback_config(), after_final=after_final)
 
 
 def _deserialize_or_report(data: bytes) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The Tiled sink: one run's result at ``processed/<raw uid>/<name>`` on a Tiled server.
 
-``amplitude``, ``phase`` and ``weight`` are 2-D float32 arrays with dims (y, x). They are
+``amplitude``, ``phase`` and ``weight`` (and ``trust``, when the reconstruction keeps a trust map)
+are 2-D float32 arrays with dims (y, x). They are
 written from the first row to the last covered row and then grown and patched: each publish
 sends only the band of rows whose weight changed, extending the arrays when the scan has moved
 on to new rows, so a reader polling Tiled sees the image grow while the scan runs.
@@ -80,20 +81,21 @@ class TiledSink:
         else:
             changed = np.flatnonzero((image.weight != self._sent_weight).any(axis=1))
             first = min(int(changed[0]) if len(changed) else rows, self._rows)
+        keys = ARRAYS + (("trust",) if image.trust is not None else ())
         if self._rows == 0:
-            for key in ARRAYS:
+            for key in keys:
                 if key in node:  # left by a publish that failed half way
                     node[key].delete(external_only=False)
                 node.write_array(np.ascontiguousarray(getattr(image, key)[:rows]), key=key, dims=("y", "x"))
         elif first < rows:
-            for key in ARRAYS:
+            for key in keys:
                 block = np.ascontiguousarray(getattr(image, key)[first:rows])
                 node[key].patch(block, offset=(first, 0), extend=rows > self._rows)
         self._rows = max(self._rows, rows)
         self._sent_weight = image.weight.copy()
         node.update_metadata(metadata)
 
-    def record_failure(self, metadata: dict[str, Any]) -> None:
-        """A result that never got an image (the run and the model do not fit): metadata only."""
+    def write_metadata(self, metadata: dict[str, Any]) -> None:
+        """Metadata only: a result that never got an image (it failed), or one whose image is yet to come."""
         metadata = jsonable(metadata)
         self._container(metadata).update_metadata(metadata)

@@ -97,6 +97,36 @@ def random_features_object(
     return object_from_maps(1 - (1 - amplitude_min) * thickness, phase_max_rad * thickness)
 
 
+def circuit_object(
+    shape: tuple[int, int],
+    seed: int,
+    *,
+    line_px: tuple[int, int] = (2, 6),
+    length_px: tuple[int, int] = (10, 60),
+    amplitude_min: float = 0.5,
+    phase_max_rad: float = 1.5,
+) -> np.ndarray:
+    """An integrated-circuit-like object: Manhattan wires of two etch depths, sharp-edged.
+
+    A second sample family, unlike :func:`random_features_object` in its shapes (thin straight
+    lines, no discs), edges (less blur) and contrast: the out-of-family test case of trust maps.
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = shape
+    thickness = np.zeros(shape, np.float32)
+    for _ in range(max(1, rows * cols // 300)):
+        y, x = int(rng.integers(0, rows)), int(rng.integers(0, cols))
+        length = int(rng.integers(*length_px))
+        width = int(rng.integers(*line_px))
+        depth = rng.choice([0.5, 1.0])
+        if rng.random() < 0.5:
+            thickness[y : y + width, x : x + length] = depth
+        else:
+            thickness[y : y + length, x : x + width] = depth
+    thickness = np.clip(_smooth(thickness, 0.7), 0, 1)
+    return object_from_maps(1 - (1 - amplitude_min) * thickness, phase_max_rad * thickness)
+
+
 def object_from_maps(amplitude: np.ndarray, phase_rad: np.ndarray) -> np.ndarray:
     """Complex transmission from an amplitude map and a phase map (radians) of the same shape."""
     amplitude, phase_rad = np.asarray(amplitude), np.asarray(phase_rad)
@@ -311,8 +341,9 @@ def simulate_scan(
     photons_per_frame: float | None = 1e6,
     noise_seed: int = 0,
     obj: np.ndarray | None = None,
+    object_kind: Literal["random_features", "circuit"] = "random_features",
 ) -> SimulatedScan:
-    """Simulate a whole scan of a random-features object (or of ``obj``, on a grid it must cover).
+    """Simulate a whole scan of a random object of ``object_kind`` (or of ``obj``, on a grid it must cover).
 
     The step is ``(1 - overlap) x`` the probe diameter (:func:`probe_diameter_px`) unless
     ``step_m`` is given; jitter is ``jitter_fraction`` of the step.
@@ -330,13 +361,20 @@ def simulate_scan(
         scan_kind, step_m=step_m, shape=scan_shape, jitter_m=jitter_fraction * step_m, seed=noise_seed + 1
     )
     grid = ObjectGrid.covering(positions, pixel, n)
+    given = obj is not None
     if obj is None:
-        obj = random_features_object(grid.shape, object_seed)
+        families: dict[str, Callable[..., np.ndarray]] = {
+            "random_features": random_features_object,
+            "circuit": circuit_object,
+        }
+        if object_kind not in families:
+            raise ConfigurationError(f"unknown object kind {object_kind!r}; expected one of {sorted(families)}")
+        obj = families[object_kind](grid.shape, object_seed)
     elif obj.shape != grid.shape:
         raise ConfigurationError(f"object shape {obj.shape} does not match the scan's grid {grid.shape}")
     frames = diffraction_patterns(obj, grid, probe_arr, positions, photons_per_frame=photons_per_frame, seed=noise_seed)
     metadata = {
-        "object": {"kind": "random_features", "seed": object_seed},
+        "object": {"kind": "given" if given else object_kind, "seed": object_seed},
         "probe": probe or {"kind": "zone_plate"},
         "scan": {"kind": scan_kind, "shape": list(scan_shape), "step_m": step_m, "jitter_m": jitter_fraction * step_m},
         "photons_per_frame": photons_per_frame,

@@ -1,0 +1,185 @@
+"""Physics consistency of predicted patches: does the preview explain the frames it came from?
+
+Each predicted patch times the probe goes through the simulator's forward model
+(:func:`~bluesky_ptychonn.sim.physics.far_field`: orthonormal FFT, zero frequency at the frame
+centre) on the inference device, and the modelled Fourier magnitudes ``|F|`` are compared with the
+square roots of the measured counts ``m = sqrt(I)``:
+
+* ``error``: the normalised error of Fourier magnitudes ``||s |F| - m|| / ||m||`` over the pixels
+  with signal (at least one count measured or modelled). This is the trust statistic: 0 is a
+  perfect fit; Poisson noise alone leaves about ``sqrt(lit pixels / 4 / photons)`` (~0.03 for
+  64x64 frames of 1e6 photons), and a blurred preview scores several times that.
+* ``chi2``: the Poisson reduced chi-square ``mean((I - s^2 |F|^2)^2 / max(s^2 |F|^2, 1))`` over
+  the same pixels; about 1 for a perfect prediction.
+
+``s`` is the least-squares scale of ``|F|`` onto ``m``: it absorbs the flux and any overall
+amplitude scale of the prediction, and the prediction's global phase drops out of ``|F|``, so
+neither ambiguity counts as an error. Per-pixel trust maps are these per-frame values stitched
+with the probe's footprint ``|probe|^2`` as weight (see
+:class:`~bluesky_ptychonn.core.stitching.PatchStitcher`), as ptychodus maps its residuals offline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigurationError
+from .config import PreprocessRecipe
+from .preprocess import preprocess
+
+__all__ = ["STATISTIC", "ConsistencyModel", "FrameConsistency", "out_of_domain_threshold", "unsupported_reason"]
+
+#: Name of the trust statistic, stored with every trust map and threshold.
+STATISTIC = "fourier_magnitude_error"
+
+#: A frame is out of the model's domain when its error exceeds this multiple of the 95th
+#: percentile of the errors on the checkpoint's validation block (held-out rows of its training
+#: scans): frames like the training data rarely pass it, frames the model cannot explain do.
+OUT_OF_DOMAIN_FACTOR = 1.25
+
+
+@dataclass
+class FrameConsistency:
+    """Per-frame consistency of predictions with their measured frames.
+
+    Attributes
+    ----------
+    error : (N,) float32
+        Normalised Fourier-magnitude error (the trust statistic; lower is better).
+    chi2 : (N,) float32
+        Poisson reduced chi-square (about 1 at the noise level).
+    """
+
+    error: np.ndarray
+    chi2: np.ndarray
+
+
+def unsupported_reason(recipe: PreprocessRecipe, probe_shape: tuple[int, ...]) -> str | None:
+    """Why a probe cannot model a network's patches under ``recipe``, or None when it can.
+
+    The forward model needs the patch to sample real space as the detector samples the far field:
+    a crop, binning or resize changes the field of view or the sampling, and the run's probe (on
+    the full frame's grid) no longer describes the patch.
+    """
+    if recipe.crop_pixels or recipe.bin_factor > 1 or recipe.output_pixels != recipe.binned_pixels:
+        return "the preprocessing crops, bins or resizes the frames, so the run's probe does not fit the patches"
+    n = recipe.output_pixels
+    if tuple(probe_shape) != (n, n):
+        return f"the probe has shape {tuple(probe_shape)}, the network's patches are {n}x{n}"
+    return None
+
+
+def out_of_domain_threshold(validation_errors: np.ndarray) -> dict[str, Any]:
+    """The checkpoint's record of its validation errors and the out-of-domain threshold they give."""
+    errors = np.asarray(validation_errors, np.float64)
+    errors = errors[np.isfinite(errors)]
+    if not len(errors):
+        raise ConfigurationError("no finite consistency errors on the validation block to set a threshold from")
+    p95 = float(np.percentile(errors, 95))
+    return {
+        "statistic": STATISTIC,
+        "validation_frames": int(len(errors)),
+        "validation_median": float(np.median(errors)),
+        "validation_p95": p95,
+        "threshold": OUT_OF_DOMAIN_FACTOR * p95,
+        "rule": f"{OUT_OF_DOMAIN_FACTOR} x the 95th percentile of the validation block's errors",
+    }
+
+
+class ConsistencyModel:
+    """The forward model of one probe, ready to score batches of predictions against their frames.
+
+    Parameters
+    ----------
+    probe : (n, n) complex
+        The probe in the simulator's convention (any overall scale: it is fitted per frame).
+    recipe : PreprocessRecipe
+        The checkpoint's recipe: its orientation is applied to the measured frames, so they match
+        the network's (sample) orientation.
+    device : str or torch.device
+        Where to compute: the inference device.
+
+    Raises
+    ------
+    ConfigurationError
+        A probe that is not square, finite and non-zero, or that cannot model the patches
+        (:func:`unsupported_reason`).
+    """
+
+    def __init__(self, probe: np.ndarray, recipe: PreprocessRecipe, device: Any = "cpu") -> None:
+        import torch
+
+        probe = np.asarray(probe)
+        if probe.ndim != 2 or probe.shape[0] != probe.shape[1]:
+            raise ConfigurationError(f"probe must be a square (n, n) array, got shape {probe.shape}")
+        if not np.all(np.isfinite(probe)) or not np.any(probe):
+            raise ConfigurationError("probe must be finite and not all zero")
+        reason = unsupported_reason(recipe, probe.shape)
+        if reason:
+            raise ConfigurationError(f"no physics consistency: {reason}")
+        self.device = torch.device(device)
+        self.probe = probe.astype(np.complex64)
+        self._probe = torch.from_numpy(self.probe).to(self.device)
+        # Orientation only: counts stay counts.
+        self._orient = recipe.model_copy(update={"transform": "none", "threshold_counts": 0.0, "scale": 1.0})
+
+    @property
+    def footprint(self) -> np.ndarray:
+        """(n, n) float32 probe intensity over its peak: the weight of a frame's value in a trust map."""
+        intensity = np.abs(self.probe) ** 2
+        return (intensity / intensity.max()).astype(np.float32)
+
+    def model_intensity(self, amplitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
+        """Noiseless far-field intensities (N, n, n) of probe x patch, unscaled (for checks and figures)."""
+        import torch
+
+        with torch.inference_mode():
+            return (self._magnitudes(amplitude, phase) ** 2).cpu().numpy()
+
+    def score(
+        self, amplitude: np.ndarray, phase: np.ndarray, frames: np.ndarray, batch_size: int = 256
+    ) -> FrameConsistency:
+        """Score (N, n, n) predicted amplitude and phase patches against their raw frames (N, rows, cols).
+
+        Raises :class:`~bluesky_ptychonn.errors.FrameError` for frames of the wrong shape, NaN or
+        negative counts (as preprocessing does).
+        """
+        import torch
+
+        measured = preprocess(frames, self._orient)
+        error = np.empty(len(measured), np.float32)
+        chi2 = np.empty(len(measured), np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(measured), batch_size):
+                b = slice(s, s + batch_size)
+                e, c = self._score(amplitude[b], phase[b], measured[b])
+                error[b], chi2[b] = e, c
+        return FrameConsistency(error=error, chi2=chi2)
+
+    def _magnitudes(self, amplitude: np.ndarray, phase: np.ndarray) -> Any:
+        import torch
+
+        a = torch.as_tensor(np.ascontiguousarray(amplitude, np.float32), device=self.device)
+        p = torch.as_tensor(np.ascontiguousarray(phase, np.float32), device=self.device)
+        wave = torch.polar(a, p) * self._probe
+        spectrum = torch.fft.fftshift(torch.fft.fft2(wave, norm="ortho"), dim=(-2, -1))
+        return spectrum.abs()
+
+    def _score(self, amplitude: np.ndarray, phase: np.ndarray, measured: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        f = self._magnitudes(amplitude, phase)
+        counts = torch.as_tensor(measured, device=self.device)
+        m = counts.sqrt()
+        dims = (-2, -1)
+        scale = (f * m).sum(dims) / (f * f).sum(dims).clamp_min(1e-30)
+        model = scale[:, None, None] * f
+        signal = ((m >= 1) | (model >= 1)).float()
+        residual = ((model - m) ** 2 * signal).sum(dims)
+        error = (residual / (m**2 * signal).sum(dims).clamp_min(1e-30)).sqrt()
+        modelled = model**2
+        chi2 = (((counts - modelled) ** 2 / modelled.clamp_min(1.0)) * signal).sum(dims) / signal.sum(dims).clamp_min(1)
+        return error.cpu().numpy(), chi2.cpu().numpy()

@@ -1,0 +1,244 @@
+"""Refinement: pty-chi seeded with the live PtychoNN image, written to ``processed/<uid>/refined``.
+
+Real RunEngine, simulated devices writing HDF5, the session's in-process Tiled server, a tiny
+untrained network and real pty-chi; 32-pixel frames, 4 x 6 scans and a few epochs, so each test
+takes seconds.
+"""
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from bluesky_ptychonn import schema
+from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+from bluesky_ptychonn.archive.labels import write_iterative
+from bluesky_ptychonn.archive.refine import RefineWorker, refine_run, refine_runs
+from bluesky_ptychonn.archive.servers import ensure_raw_catalog, subscribe_archive
+from bluesky_ptychonn.cli import main
+from bluesky_ptychonn.core.engine import LiveOptions
+from bluesky_ptychonn.core.geometry import ObjectGrid
+from bluesky_ptychonn.core.inference import Predictor
+from bluesky_ptychonn.core.iterative import IterativeOptions, IterativeResult
+from bluesky_ptychonn.core.refine import seed_object
+from bluesky_ptychonn.core.stitching import StitchedImage
+from bluesky_ptychonn.errors import ConfigurationError, RunError
+from bluesky_ptychonn.live.callback import PtychoNNCallback
+
+pytest.importorskip("ptychi")
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar:UserWarning")
+
+STEP_M = 2e-7
+SHAPE = (4, 6)
+FAST = LiveOptions(batch_size=16, max_wait_s=0.05, publish_interval_s=0.1, retry_s=0.1)
+FEW = IterativeOptions(engine="lsqml", epochs=8, device="cpu")
+
+
+@pytest.fixture
+def run_engine(tiled_server):
+    """A RunEngine archiving into the session's Tiled server."""
+    engine = RunEngine({})
+    subscribe_archive(engine, tiled_server.client)
+    return engine
+
+
+@pytest.fixture
+def devices(tiled_server, make_devices, tmp_path):
+    return make_devices(tiled_server.data_dir / tmp_path.name)
+
+
+def _scan(devices, **md):
+    stage, detector = devices
+    return ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=SHAPE, exposure_s=2e-3, md=md)
+
+
+def _live_run(tiled_server, run_engine, devices, checkpoint, **callback_kwargs):
+    callback = PtychoNNCallback.from_checkpoint(
+        checkpoint, tiled_server.client, device="cpu", data_roots=[tiled_server.data_dir], live=FAST, **callback_kwargs
+    )
+    run_engine.subscribe(callback)
+    (uid,) = run_engine(_scan(devices))
+    assert callback.wait(uid, 60)
+    return uid
+
+
+def _refined(client, uid):
+    node = client["processed"][uid]["refined"]
+    return {k: node[k].read() for k in node}, dict(node.metadata)
+
+
+def test_refine_starts_from_the_live_image_and_writes_the_refined_result(tiled_server, run_engine, devices, checkpoint):
+    client = tiled_server.client
+    uid = _live_run(tiled_server, run_engine, devices, checkpoint)
+    preview = dict(client["processed"][uid]["ptychonn"].metadata)
+
+    md = refine_run(tiled_server.raw[uid], client, options=FEW)
+
+    arrays, stored = _refined(client, uid)
+    assert md["path"] == f"processed/{uid}/refined" and stored["status"] == "complete"
+    assert set(arrays) == {"amplitude", "phase", "weight"}
+    grid = ObjectGrid.from_metadata(preview["grid"])
+    assert stored["grid"] == preview["grid"]  # pixel for pixel with the live image
+    for array in arrays.values():
+        assert array.shape == grid.shape and array.dtype == np.float32
+    assert stored["seed"]["source"] == "ptychonn" and stored["seed"]["path"] == f"processed/{uid}/ptychonn"
+    assert stored["seed"]["model_hash"] == preview["model_hash"] and stored["seed"]["replayed"] is False
+    assert stored["probe"] == {
+        "source": "ptychography section",
+        "refined": False,
+        "description": stored["probe"]["description"],
+    }
+    assert stored["engine"] == "lsqml" and stored["max_epochs"] == 8 and stored["epochs"] == 8
+    assert stored["stopped_by"] == "max_epochs" and len(stored["error_per_epoch"]) == 8
+    assert stored["raw_uid"] == uid and stored["device"] == "cpu" and stored["package_version"]
+    assert stored["started"] <= stored["finished"] == stored["updated"]
+    assert stored["error_per_epoch"][-1] < stored["error_per_epoch"][0]
+
+    # A flat start on the same run is the baseline; it lands on the run's grid.
+    flat = refine_run(tiled_server.raw[uid], client, options=FEW, seed="flat")
+    assert flat["seed"] == {"source": "flat"} and flat["status"] == "complete"
+
+
+def test_the_seed_is_the_preview_where_covered_and_free_space_elsewhere():
+    grid = ObjectGrid((4, 5), 1e-7, (0.0, 0.0))
+    weight = np.zeros(grid.shape, np.float32)
+    weight[1:3, 1:4] = 1.0
+    weight[0, 0] = 0.05  # below the coverage fraction
+    preview = StitchedImage(
+        amplitude=np.full(grid.shape, 0.5, np.float32),
+        phase=np.full(grid.shape, 0.25, np.float32),
+        weight=weight,
+        grid=grid,
+        frames=1,
+    )
+    obj = seed_object(preview)
+    assert obj.dtype == np.complex64 and obj.shape == grid.shape
+    np.testing.assert_allclose(obj[1:3, 1:4], 0.5 * np.exp(0.25j), rtol=1e-6)
+    assert obj[0, 0] == 1 and obj[3, 4] == 1
+    nan = StitchedImage(preview.amplitude.copy(), preview.phase, weight, grid, 1)
+    nan.amplitude[2, 2] = np.nan
+    with pytest.raises(ConfigurationError, match="NaN"):
+        seed_object(nan)
+    with pytest.raises(ConfigurationError, match="shape"):
+        seed_object(StitchedImage(preview.amplitude[:3], preview.phase, weight, grid, 1))
+    with pytest.raises(ConfigurationError, match="positive"):
+        seed_object(StitchedImage(preview.amplitude, preview.phase, np.zeros_like(weight), grid, 1))
+
+
+def test_a_run_without_a_live_result_is_an_error_unless_a_model_can_make_one(
+    tiled_server, run_engine, devices, checkpoint, monkeypatch, capsys
+):
+    client = tiled_server.client
+    (uid,) = run_engine(_scan(devices))  # archived, no live callback
+    run = tiled_server.raw[uid]
+    with pytest.raises(RunError, match=rf"run {uid} has no live PtychoNN result .*--checkpoint.*flat"):
+        refine_run(run, client, options=FEW)
+    assert "refined" not in client["processed"].get(uid, {})  # nothing written before the checks pass
+
+    monkeypatch.setenv("TEST_TILED_KEY", tiled_server.server.api_key)
+    common = ["--tiled-uri", tiled_server.server.uri.split("?")[0], "--api-key-env", "TEST_TILED_KEY"]
+    few = ["--epochs", "4", "--device", "cpu", "--engine", "lsqml"]
+    assert main(["refine", uid, *common, *few]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    missing = str(uuid.uuid4())
+    assert main(["refine", missing, *common, *few]) == 2
+    assert missing in capsys.readouterr().err
+
+    # With a model, the run is replayed first to make the seed, and the metadata says so.
+    assert main(["refine", uid, *common, *few, "--checkpoint", str(checkpoint)]) == 0
+    (summary,) = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "complete" and summary["seed"] == "ptychonn" and summary["seed_replayed"] is True
+    assert summary["epochs"] == 4 and summary["path"] == f"processed/{uid}/refined"
+    _, stored = _refined(client, uid)
+    assert stored["seed"]["replayed"] is True
+    assert stored["seed"]["model_hash"] == Predictor.from_checkpoint(checkpoint, device="cpu").info.content_hash
+    assert dict(client["processed"][uid]["ptychonn"].metadata)["source"] == "replay"
+
+
+def test_a_run_without_a_probe_is_an_error_unless_one_is_stored(tiled_server, devices):
+    from bluesky_tiled_plugins import TiledWriter
+
+    client = tiled_server.client
+    writer = TiledWriter(ensure_raw_catalog(client))
+
+    def without_probe(name, doc):  # a measured run: its start document describes no probe
+        if name == "start":
+            doc = {**doc, "ptychography": {k: v for k, v in doc["ptychography"].items() if k != "probe"}}
+        writer(name, doc)
+
+    run_engine = RunEngine({})
+    run_engine.subscribe(without_probe)
+    (uid,) = run_engine(_scan(devices))
+    run = tiled_server.raw[uid]
+    with pytest.raises(RunError, match=rf"run {uid} has no probe.*processed/{uid}/iterative"):
+        refine_run(run, client, options=FEW, seed="flat")
+
+    # A probe stored with an iterative reconstruction (reconstructed once with a probe from elsewhere) serves.
+    section = dict(run.metadata["start"]["ptychography"])
+    probe = schema.probe({**section, "probe": {"kind": "gaussian", "fwhm_px": 8}})
+    grid = ObjectGrid((8, 8), section["pixel_size_m"], (0.0, 0.0))
+    ones = np.ones(grid.shape, np.float32)
+    stored = IterativeResult(np.ones(grid.shape, np.complex64), probe, ones, grid, 1, "lsqml", 1, 1.0, [1.0], 0, "cpu")
+    write_iterative(client, uid, stored, {"raw_uid": uid, "photons_per_frame": section["photons_per_frame"]})
+    md = refine_run(run, client, options=FEW.model_copy(update={"epochs": 2}), seed="flat")
+    assert md["status"] == "complete" and md["probe"]["source"] == f"processed/{uid}/iterative"
+
+
+def test_a_failed_preview_cannot_seed_and_a_failure_after_the_marker_is_recorded(
+    tiled_server, run_engine, devices, checkpoint
+):
+    client = tiled_server.client
+    uid = _live_run(tiled_server, run_engine, devices, checkpoint)
+    node = client["processed"][uid]["ptychonn"]
+    node.update_metadata({**dict(node.metadata), "status": "failed", "errors": ["model did not fit"]})
+    with pytest.raises(RunError, match=r"cannot seed.*'failed'.*model did not fit"):
+        refine_runs(tiled_server.raw, [uid], client, options=FEW)
+    node.update_metadata({**dict(node.metadata), "status": "complete"})
+
+    # pty-chi refuses CUDA on this machine only once the marker is written: the result says failed, not running.
+    if __import__("torch").cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(ConfigurationError, match="CUDA"):
+        refine_run(tiled_server.raw[uid], client, options=FEW.model_copy(update={"device": "cuda"}))
+    arrays, stored = _refined(client, uid)
+    assert stored["status"] == "failed" and "CUDA" in stored["errors"][0] and not arrays
+
+
+def test_runs_are_refined_automatically_after_their_final_live_image(tiled_server, run_engine, devices, checkpoint):
+    worker = RefineWorker(tiled_server.client, options=FEW.model_copy(update={"epochs": 3}), poll_s=0.05)
+    try:
+        uid = _live_run(tiled_server, run_engine, devices, checkpoint, after_final=worker.submit)
+        assert worker.wait(120)
+    finally:
+        worker.close(60)
+    assert worker.results[uid]["status"] == "complete", worker.results[uid]
+    arrays, stored = _refined(tiled_server.client, uid)
+    assert stored["status"] == "complete" and stored["epochs"] == 3 and arrays["amplitude"].any()
+    assert stored["seed"]["source"] == "ptychonn"
+
+
+def test_the_worker_records_a_run_that_never_arrives(tiled_server):
+    missing = str(uuid.uuid4())
+    worker = RefineWorker(tiled_server.client, options=FEW, run_timeout_s=0, poll_s=0.01)
+    worker.submit(missing)  # returns at once
+    assert worker.wait(30)
+    worker.close(10)
+    assert worker.results[missing]["status"] == "failed"
+    stored = dict(tiled_server.client["processed"][missing]["refined"].metadata)
+    assert stored["status"] == "failed" and "did not reach Tiled" in stored["errors"][0]
+
+
+def test_replay_can_refine_what_it_replays(tiled_server, run_engine, devices, checkpoint):
+    from bluesky_ptychonn.archive.replay import replay_runs
+
+    (uid,) = run_engine(_scan(devices))
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    (result,) = replay_runs(
+        tiled_server.raw, [uid], predictor, refine=FEW.model_copy(update={"epochs": 2}), progress=False
+    )
+    assert result["status"] == "complete" and result["refined"]["status"] == "complete"
+    assert result["refined"]["seed"]["model_hash"] == result["model_hash"] and result["refined"]["epochs"] == 2
+    with pytest.raises(ConfigurationError, match="seeds from"):
+        replay_runs(tiled_server.raw, [uid], predictor, name="other", refine=True, progress=False)
