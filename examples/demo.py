@@ -116,6 +116,7 @@ def trust_summary(section: dict, trust_map, phase, truth, region, probe) -> dict
         "available": True,
         "mean": round(section["mean"], 4),
         "median": round(section["median"], 4),
+        "chi2_median": round(section["chi2_median"], 2),
         "threshold": section["threshold"],
         "frames_flagged": section["frames_flagged"],
         "pearson_with_local_phase_error": round(pearson(trust_map[inside], local[inside]), 3),
@@ -282,10 +283,14 @@ def main(argv: list[str] | None = None) -> int:
             mask=region,
             title=f"run {uid[:8]}: {md['frames_done']} frames; phase SSIM preview {metrics['phase_ssim']:.2f}, "
             f"refined {refined['phase_ssim']:.2f} ({refined['epochs']} epochs); "
-            f"{trust.get('frames_flagged', 0)} frames flagged",
+            f"frames flagged: {trust.get('frames_flagged', 0)}",
             maps=[
                 ("trust (Fourier error; lower is better)", trust_map, "magma"),
-                ("|phase error| of the preview (rad)", np.where(region, trust["error_map"], np.nan), "magma"),
+                (
+                    "preview's |phase error|, footprint mean (rad)",
+                    np.where(region, trust["error_map"], np.nan),
+                    "magma",
+                ),
             ]
             if trust_map is not None
             else None,

@@ -41,6 +41,13 @@ def test_demo_runs_and_writes_its_summary(tmp_path):
     assert summary["frames"] == 64 and summary["status"] == "complete" and summary["device"] == "cpu"
     assert (tmp_path / "live_reconstruction.png").stat().st_size > 10_000
     assert "processed/" in summary["tiled_uri"] and summary["run_uid"] in stdout
+    # The trust map came with the preview, and the refinement followed without being asked.
+    assert summary["trust"]["available"] and summary["trust"]["frames_flagged"] >= 0
+    assert -1 <= summary["trust"]["pearson_with_local_phase_error"] <= 1
+    refined, blank = summary["refined"], summary["blank_start"]
+    assert refined["epochs"] >= 1 and refined["stopped_by"] in ("tolerance", "max_epochs")
+    assert "processed/" in refined["tiled_uri"] and refined["in_tiled_after_stop_s"] > 0
+    assert blank["epochs"] >= 1 and "phase_frc_px" in refined and "phase_frc_px" in blank
     # A second run reuses the cached model.
     assert "reusing" in _run(
         "demo.py", "--out", str(tmp_path), "--rows", "8", "--family-objects", "0", "--epochs", "1", "--device", "cpu"

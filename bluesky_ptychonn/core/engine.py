@@ -32,7 +32,7 @@ from pydantic import Field
 
 from ..errors import ConfigurationError, PositionError
 from .config import Frozen
-from .consistency import STATISTIC, ConsistencyModel
+from .consistency import STATISTIC, ConsistencyModel, FrameConsistency
 from .geometry import ObjectGrid
 from .preprocess import bad_frames
 from .stitching import PatchStitcher, StitchedImage, patch_window
@@ -115,6 +115,7 @@ class LiveReconstruction:
         self.stitcher = PatchStitcher(grid, n, patch_window(n, self.options.window), trust_window=footprint)
         self.sink = sink
         self._frame_errors: list[np.ndarray] = []
+        self._frame_chi2: list[np.ndarray] = []
         self._flagged_ids: list[int] = []
         self.metadata = {
             **metadata,
@@ -237,24 +238,26 @@ class LiveReconstruction:
         t0 = time.perf_counter()
         amplitude, phase = self.predictor.predict(frames[keep])
         t1 = time.perf_counter()
-        errors = None
+        scores = None
         if self.consistency is not None:
-            errors = self.consistency.score(amplitude, phase, frames[keep]).error
+            scores = self.consistency.score(amplitude, phase, frames[keep])
         t2 = time.perf_counter()
         with self._lock:
-            self.stitcher.add(amplitude, phase, positions[keep], trust=errors)
+            self.stitcher.add(amplitude, phase, positions[keep], trust=None if scores is None else scores.error)
             self.metadata["frames_done"] = self.stitcher.frames
-            if errors is not None:
-                self._record_trust(ids[keep], errors)
+            if scores is not None:
+                self._record_trust(ids[keep], scores)
         self.timings["inference_s"] += t1 - t0
         self.timings["consistency_s"] += t2 - t1
         self.timings["stitch_s"] += time.perf_counter() - t2
         self._dirty.set()
 
-    def _record_trust(self, ids: np.ndarray, errors: np.ndarray) -> None:
+    def _record_trust(self, ids: np.ndarray, scores: FrameConsistency) -> None:
         """Summarise the trust statistic so far in the metadata (called under the lock)."""
         trust = self.metadata["trust"]
+        errors = scores.error
         self._frame_errors.append(errors)
+        self._frame_chi2.append(scores.chi2)
         everything = np.concatenate(self._frame_errors)
         threshold = trust.get("threshold")
         if threshold is not None:
@@ -266,6 +269,7 @@ class LiveReconstruction:
         trust["mean"] = float(everything.mean())
         trust["median"] = float(np.median(everything))
         trust["p95"] = float(np.percentile(everything, 95))
+        trust["chi2_median"] = float(np.median(np.concatenate(self._frame_chi2)))
 
     def _accept(self, ids: np.ndarray, frames: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Mask of frames to reconstruct; the rest are counted as dropped or duplicate."""
