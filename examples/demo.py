@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
     from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
-    from bluesky_ptychonn.archive.refine import RefineWorker
+    from bluesky_ptychonn.archive.refine_worker import RefineWorker
     from bluesky_ptychonn.archive.servers import start_embedded_server, subscribe_archive
     from bluesky_ptychonn.archive.truth import read_simulation_truth
     from bluesky_ptychonn.core.geometry import ObjectGrid

@@ -15,7 +15,8 @@ from bluesky import RunEngine
 from bluesky_ptychonn import schema
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
 from bluesky_ptychonn.archive.labels import write_iterative
-from bluesky_ptychonn.archive.refine import RefineWorker, refine_run, refine_runs
+from bluesky_ptychonn.archive.refine import refine_run, refine_runs
+from bluesky_ptychonn.archive.refine_worker import RefineWorker
 from bluesky_ptychonn.archive.servers import ensure_raw_catalog, subscribe_archive
 from bluesky_ptychonn.cli import main
 from bluesky_ptychonn.core.engine import LiveOptions

@@ -10,15 +10,13 @@ every reader of ``ptychonn`` reads ``refined`` too.
 Failure policy: a refinement that cannot start (no run, no preview, no probe) raises a
 :class:`~bluesky_ptychonn.errors.RunError` and writes nothing; once it starts, a ``running`` marker
 is in Tiled and any failure turns it ``failed`` with the error, never left ``running``.
-:class:`RefineWorker` refines runs off the RunEngine's path and records every failure instead of
-raising it.
+:class:`~bluesky_ptychonn.archive.refine_worker.RefineWorker` refines runs off the RunEngine's path
+and records every failure instead of raising it.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,9 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ..core.metadata import jsonable
-from ..core.refine import RUN_ARRIVAL_TIMEOUT_S
 from ..errors import ConfigurationError, FrameError, PositionError, RunError
-from ..tiled_paths import ITERATIVE, PTYCHONN, RAW, REFINED, processed_path, read_stored_probe
+from ..tiled_paths import ITERATIVE, PTYCHONN, REFINED, processed_path, read_stored_probe
 from .labels import RunInputs, ptychi_version, run_inputs
 from .runs import check_ptychography, root_of, run_grid_for, select
 
@@ -86,7 +83,7 @@ def _exists(client: Any, path: str) -> bool:
 
 
 @dataclass
-class _Refinement:
+class Refinement:
     """A refinement checked and ready to run: everything but pty-chi's epochs."""
 
     inputs: RunInputs
@@ -98,7 +95,7 @@ class _Refinement:
     metadata: dict[str, Any]
 
 
-def _prepare(
+def plan_refinement(
     run: Any,
     client: Any,
     *,
@@ -107,7 +104,7 @@ def _prepare(
     predictor: Predictor | None,
     refine_probe: bool | None,
     photons_per_frame: float | None,
-) -> _Refinement:
+) -> Refinement:
     """Read and check everything a refinement needs; raise :class:`RunError` before anything is written."""
     from .. import __version__
     from ..core.refine import REFINE_OPTIONS, SEED_COVERAGE_FRACTION, seed_object
@@ -200,10 +197,10 @@ def _prepare(
         "started": started,
         "updated": started,
     }
-    return _Refinement(inputs, probe, photons, grid, initial, options, metadata)
+    return Refinement(inputs, probe, photons, grid, initial, options, metadata)
 
 
-def _execute(plan: _Refinement, client: Any, progress: bool) -> dict[str, Any]:
+def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[str, Any]:
     """Mark the result ``running``, run pty-chi, write the image; a failure leaves it ``failed`` and is raised."""
     from ..core.ptychi_engine import reconstruct_iterative
     from ..live.sink import TiledSink
@@ -300,7 +297,7 @@ def refine_run(
         pty-chi missing, CUDA requested but absent, bad options.
     """
     client = root_of(run) if client is None else client
-    plan = _prepare(
+    plan = plan_refinement(
         run,
         client,
         options=options,
@@ -309,7 +306,7 @@ def refine_run(
         refine_probe=refine_probe,
         photons_per_frame=photons_per_frame,
     )
-    return _execute(plan, client, progress)
+    return execute_refinement(plan, client, progress)
 
 
 def refine_runs(
@@ -339,117 +336,3 @@ def record_refine_failure(client: Any, uid: str, message: str) -> None:
             "updated": now,
         }
     )
-
-
-class RefineWorker:
-    """Refines runs one at a time on a background thread, off the RunEngine's and the live callback's path.
-
-    Give :meth:`submit` to :class:`~bluesky_ptychonn.live.callback.PtychoNNCallback` as its
-    ``after_final`` hook: once a run's live image is final, the worker waits (at most
-    ``run_timeout_s``) for the raw run to be in Tiled with its stop document, then calls
-    :func:`refine_run`. Failures are logged and recorded in the refined result, never raised.
-
-    Parameters
-    ----------
-    client : tiled Container
-        The server's root, with a key that may write.
-    options : IterativeOptions, optional
-        Passed to :func:`refine_run` (default its refinement options).
-    seed, predictor, refine_probe
-        As for :func:`refine_run`.
-    run_timeout_s : float
-        Longest wait for the raw run and its stop document.
-    poll_s : float
-        Pause between looks for the raw run.
-    """
-
-    def __init__(
-        self,
-        client: Any,
-        *,
-        options: IterativeOptions | None = None,
-        seed: SeedSource = "ptychonn",
-        predictor: Predictor | None = None,
-        refine_probe: bool | None = None,
-        run_timeout_s: float = RUN_ARRIVAL_TIMEOUT_S,
-        poll_s: float = 0.5,
-    ) -> None:
-        if run_timeout_s < 0 or poll_s <= 0:
-            raise ConfigurationError(f"run_timeout_s must be >= 0 and poll_s > 0, got {run_timeout_s}, {poll_s}")
-        self.client = client
-        self.kwargs: dict[str, Any] = {
-            "options": options,
-            "seed": seed,
-            "predictor": predictor,
-            "refine_probe": refine_probe,
-        }
-        self.run_timeout_s, self.poll_s = run_timeout_s, poll_s
-        #: Outcome per uid: the written metadata, or ``{"status": "failed", "errors": [...]}``.
-        self.results: dict[str, dict[str, Any]] = {}
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._pending = 0
-        self._idle = threading.Condition()
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="ptychonn-refine", daemon=True)
-        self._thread.start()
-
-    def submit(self, uid: str) -> None:
-        """Queue run ``uid`` for refinement; returns at once."""
-        with self._idle:
-            self._pending += 1
-        self._queue.put(uid)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until every submitted run is refined or has failed; True if none is left."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
-
-    def close(self, timeout: float | None = None) -> None:
-        """Stop after the run in progress (queued runs are dropped, and logged); waits up to ``timeout``."""
-        self._closing.set()
-        self._queue.put(None)
-        self._thread.join(timeout)
-
-    def _work(self) -> None:
-        while (uid := self._queue.get()) is not None:
-            try:
-                if self._closing.is_set():
-                    logger.warning("run %s: refinement dropped, the worker is closing", uid)
-                else:
-                    self.results[uid] = self._refine(uid)
-            finally:
-                with self._idle:
-                    self._pending -= 1
-                    self._idle.notify_all()
-
-    def _refine(self, uid: str) -> dict[str, Any]:
-        """Refine one run; any failure is logged and recorded, and returned as the outcome."""
-        try:
-            plan = _prepare(self._wait_for_run(uid), self.client, photons_per_frame=None, **self.kwargs)
-        except Exception as err:
-            logger.error("run %s: refinement could not start: %s", uid, err)
-            try:
-                record_refine_failure(self.client, uid, f"{err!r}")
-            except Exception as tiled_err:
-                logger.error("run %s: could not record the failed refinement in Tiled: %r", uid, tiled_err)
-            return {"raw_uid": uid, "status": "failed", "errors": [f"{err!r}"]}
-        try:
-            return _execute(plan, self.client, progress=False)
-        except Exception as err:  # already recorded in the result by _execute
-            logger.error("run %s: refinement failed: %r", uid, err)
-            return {"raw_uid": uid, "status": "failed", "errors": [f"{err!r}"]}
-
-    def _wait_for_run(self, uid: str) -> Any:
-        """The raw run once Tiled has its stop document (the archive writer may lag the live callback)."""
-        deadline = time.monotonic() + self.run_timeout_s
-        while True:
-            try:
-                run = self.client[RAW][uid]  # looked up afresh: a node's metadata is a snapshot
-                if run.metadata.get("stop"):
-                    return run
-            except KeyError:
-                pass
-            if time.monotonic() >= deadline:
-                raise RunError(f"run {uid} did not reach Tiled with its stop document within {self.run_timeout_s} s")
-            if self._closing.wait(self.poll_s):
-                raise RunError(f"run {uid}: the refine worker closed while waiting for the run")

@@ -30,7 +30,7 @@ def consume(args: argparse.Namespace) -> None:
     if not config.refine.enabled:
         Consumer(config).run()
         return
-    from ..archive.refine import RefineWorker
+    from ..archive.refine_worker import RefineWorker
 
     worker = RefineWorker(
         tiled_client(config.tiled), options=config.refine.options(), run_timeout_s=config.refine.run_timeout_s

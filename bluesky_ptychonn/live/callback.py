@@ -39,41 +39,16 @@ from event_model.documents import (
     StreamDatum,
     StreamResource,
 )
-from pydantic import Field
 
 from .. import __version__, schema
-from ..core.config import Frozen
-from ..core.engine import LiveOptions, LiveReconstruction
-from ..core.geometry import GRID_MARGIN_PIXELS
+from ..core.engine import LiveReconstruction
 from ..errors import RunError
 from ..files.readers import DataRoots
 from ..tiled_paths import stored_probe
+from .config import CallbackConfig
 from .frames import DatumFrames, StreamFrames, per_point, stream_indices
 
 logger = logging.getLogger(__name__)
-
-
-class CallbackConfig(Frozen):
-    """Which documents carry the frames, where files may be read, and the live policy."""
-
-    frames_key: str = Field(schema.FRAMES_KEY, description="Data key of the diffraction frames.")
-    positions_key: str = Field(schema.POSITIONS_KEY, description="Data key of (y, x) positions in metres, shape (2,).")
-    frame_id_key: str | None = Field(
-        schema.FRAME_ID_KEY, description="Data key of frame ids; None uses the stream index."
-    )
-    stream_name: str = Field(schema.STREAM_NAME, description="Event stream holding the frames.")
-    data_roots: tuple[Path, ...] = Field((), description="Folders whose files documents may name.")
-    grid_margin_pixels: int = Field(
-        GRID_MARGIN_PIXELS, ge=0, description="Object-grid margin beyond the scan extent (jitter, noise)."
-    )
-    live: LiveOptions = Field(default_factory=LiveOptions, description="Batching, cadence and retry policy.")
-    probe_run: str | None = Field(
-        None,
-        description=(
-            "uid of a run of the same set-up whose stored iterative reconstruction (processed/<uid>/iterative) lends "
-            "its probe to the trust map of runs that describe none."
-        ),
-    )
 
 
 @make_class_safe(logger=logger)
@@ -345,7 +320,7 @@ class PtychoNNCallback:
         Data keys, data roots and the live policy (defaults: :class:`CallbackConfig`).
     after_final : callable, optional
         Called with a run's uid on a background thread once its final image is written (never on
-        the RunEngine's thread), e.g. :meth:`~bluesky_ptychonn.archive.refine.RefineWorker.submit`
+        the RunEngine's thread), e.g. :meth:`~bluesky_ptychonn.archive.refine_worker.RefineWorker.submit`
         to refine every run with pty-chi; it should return quickly. Its exceptions are logged.
 
     Notes
