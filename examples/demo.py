@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pty_chi_seconds": round(refined_md["seconds"], 1),
                 "in_tiled_after_stop_s": round(refined_md["finished"] - stop_time, 1),
                 "final_error": round(refined_md["error_per_epoch"][-1], 4),
+                "trust_median": round(refined_md["trust"]["median"], 4),
                 "tiled_uri": f"{archive.client.context.api_uri}metadata/processed/{uid}/refined",
             },
             "blank_start": {

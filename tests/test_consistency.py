@@ -183,3 +183,12 @@ def test_a_run_of_the_same_set_up_lends_its_stored_probe(tiled_server, scan):
     )
     missing = results["no-such-run"]
     assert "trust" not in missing and any("probe_run no-such-run" in e for e in missing.metadata["errors"])
+
+
+def test_a_whole_object_is_scored_like_predictions(scan):
+    from bluesky_ptychonn.core.consistency import object_consistency
+
+    trust, scores = object_consistency(scan.obj, scan.grid, scan.frames, scan.positions_m, scan.probe)
+    assert np.median(scores.error) < 0.05 and 0.8 < scores.summary()["chi2_median"] < 1.2
+    flat, _ = object_consistency(np.ones_like(scan.obj), scan.grid, scan.frames, scan.positions_m, scan.probe)
+    assert trust.shape == scan.grid.shape and np.nanmedian(flat) > 3 * np.nanmedian(trust)

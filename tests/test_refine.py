@@ -79,11 +79,13 @@ def test_refine_starts_from_the_live_image_and_writes_the_refined_result(tiled_s
 
     arrays, stored = _refined(client, uid)
     assert md["path"] == f"processed/{uid}/refined" and stored["status"] == "complete"
-    assert set(arrays) == {"amplitude", "phase", "weight"}
+    assert set(arrays) == {"amplitude", "phase", "weight", "trust"}  # the preview's layout
+    assert stored["trust"]["available"] and stored["trust"]["median"] < preview["trust"]["median"]
     grid = ObjectGrid.from_metadata(preview["grid"])
     assert stored["grid"] == preview["grid"]  # pixel for pixel with the live image
     for array in arrays.values():
         assert array.shape == grid.shape and array.dtype == np.float32
+    assert np.isfinite(arrays["trust"][arrays["weight"] > 0.5 * arrays["weight"].max()]).all()
     assert stored["seed"]["source"] == "ptychonn" and stored["seed"]["path"] == f"processed/{uid}/ptychonn"
     assert stored["seed"]["model_hash"] == preview["model_hash"] and stored["seed"]["replayed"] is False
     assert stored["probe"] == {

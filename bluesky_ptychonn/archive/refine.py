@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -202,6 +202,7 @@ def plan_refinement(
 
 def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[str, Any]:
     """Mark the result ``running``, run pty-chi, write the image; a failure leaves it ``failed`` and is raised."""
+    from ..core.consistency import STATISTIC, object_consistency
     from ..core.ptychi_engine import reconstruct_iterative
     from ..live.sink import TiledSink
 
@@ -220,8 +221,14 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
             initial_object=plan.initial_object,
             progress=progress,
         )
+        # The refined image gets the preview's trust map, so the two compare on the same statistic.
+        trust, scores = object_consistency(
+            result.obj, result.grid, plan.inputs.frames, plan.inputs.positions_m, result.probe
+        )
         now = time.time()
         metadata.update(
+            trust={"available": True, "statistic": STATISTIC, "probe_source": plan.metadata["probe"]["source"]}
+            | scores.summary(),
             status="complete",
             epochs=result.epochs,
             stopped_by=result.stopped_by,
@@ -232,7 +239,7 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
             finished=now,
             updated=now,
         )
-        sink.publish(result.as_image(), metadata)
+        sink.publish(replace(result.as_image(), trust=trust), metadata)
     except Exception as err:
         now = time.time()
         metadata.update(status="failed", errors=[f"{err!r}"], finished=now, updated=now)

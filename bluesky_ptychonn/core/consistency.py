@@ -28,9 +28,18 @@ import numpy as np
 
 from ..errors import ConfigurationError
 from .config import PreprocessRecipe
+from .geometry import ObjectGrid, extract_patches
 from .preprocess import preprocess
+from .stitching import PatchStitcher
 
-__all__ = ["STATISTIC", "ConsistencyModel", "FrameConsistency", "out_of_domain_threshold", "unsupported_reason"]
+__all__ = [
+    "STATISTIC",
+    "ConsistencyModel",
+    "FrameConsistency",
+    "object_consistency",
+    "out_of_domain_threshold",
+    "unsupported_reason",
+]
 
 #: Name of the trust statistic, stored with every trust map and threshold.
 STATISTIC = "fourier_magnitude_error"
@@ -55,6 +64,15 @@ class FrameConsistency:
 
     error: np.ndarray
     chi2: np.ndarray
+
+    def summary(self) -> dict[str, float]:
+        """Mean, median and 95th percentile of the error, and the median chi-square (for metadata)."""
+        return {
+            "mean": float(self.error.mean()),
+            "median": float(np.median(self.error)),
+            "p95": float(np.percentile(self.error, 95)),
+            "chi2_median": float(np.median(self.chi2)),
+        }
 
 
 def unsupported_reason(recipe: PreprocessRecipe, probe_shape: tuple[int, ...]) -> str | None:
@@ -183,3 +201,23 @@ class ConsistencyModel:
         modelled = model**2
         chi2 = (((counts - modelled) ** 2 / modelled.clamp_min(1.0)) * signal).sum(dims) / signal.sum(dims).clamp_min(1)
         return error.cpu().numpy(), chi2.cpu().numpy()
+
+
+def object_consistency(
+    obj: np.ndarray, grid: ObjectGrid, frames: np.ndarray, positions_m: np.ndarray, probe: np.ndarray
+) -> tuple[np.ndarray, FrameConsistency]:
+    """Trust map (H, W) and per-frame scores of a whole object (e.g. an iterative result) against raw frames.
+
+    The patches are cut from ``obj`` at the frames' positions and scored as predictions are, with
+    the frames as recorded (no reorientation: the iterative engine modelled them so).
+    """
+    n = probe.shape[0]
+    model = ConsistencyModel(probe, PreprocessRecipe(frame_shape=(n, n)))
+    patches = extract_patches(obj, grid.patch_corners(positions_m, n), n)
+    amplitude, phase = np.abs(patches).astype(np.float32), np.angle(patches).astype(np.float32)
+    scores = model.score(amplitude, phase, frames)
+    stitcher = PatchStitcher(grid, n, trust_window=model.footprint)
+    stitcher.add(amplitude, phase, positions_m, trust=scores.error)
+    trust = stitcher.snapshot().trust
+    assert trust is not None  # the stitcher keeps a trust map: it was given a trust window
+    return trust, scores

@@ -114,8 +114,7 @@ class LiveReconstruction:
         footprint = self.consistency.footprint if self.consistency else None
         self.stitcher = PatchStitcher(grid, n, patch_window(n, self.options.window), trust_window=footprint)
         self.sink = sink
-        self._frame_errors: list[np.ndarray] = []
-        self._frame_chi2: list[np.ndarray] = []
+        self._frame_scores: list[FrameConsistency] = []
         self._flagged_ids: list[int] = []
         self.metadata = {
             **metadata,
@@ -255,21 +254,19 @@ class LiveReconstruction:
     def _record_trust(self, ids: np.ndarray, scores: FrameConsistency) -> None:
         """Summarise the trust statistic so far in the metadata (called under the lock)."""
         trust = self.metadata["trust"]
-        errors = scores.error
-        self._frame_errors.append(errors)
-        self._frame_chi2.append(scores.chi2)
-        everything = np.concatenate(self._frame_errors)
+        self._frame_scores.append(scores)
         threshold = trust.get("threshold")
         if threshold is not None:
-            flagged = ids[errors > threshold]
+            flagged = ids[scores.error > threshold]
             room = MAX_FLAGGED_IDS - len(self._flagged_ids)
             self._flagged_ids.extend(int(i) for i in flagged[:room])
             trust["frames_flagged"] += int(len(flagged))
             trust["flagged_ids"] = list(self._flagged_ids)
-        trust["mean"] = float(everything.mean())
-        trust["median"] = float(np.median(everything))
-        trust["p95"] = float(np.percentile(everything, 95))
-        trust["chi2_median"] = float(np.median(np.concatenate(self._frame_chi2)))
+        everything = FrameConsistency(
+            error=np.concatenate([f.error for f in self._frame_scores]),
+            chi2=np.concatenate([f.chi2 for f in self._frame_scores]),
+        )
+        trust.update(everything.summary())
 
     def _accept(self, ids: np.ndarray, frames: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Mask of frames to reconstruct; the rest are counted as dropped or duplicate."""
