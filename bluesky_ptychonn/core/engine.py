@@ -218,6 +218,7 @@ class LiveReconstruction:
                 _, status, extra = stop
                 with self._lock:
                     self.metadata.update(extra)
+                    self._summarise_trust()
                     # Gaps in the reconstructed frame ids: frames dropped here or never delivered.
                     self.metadata["frames_missing"] = max(self._seen) + 1 - len(self._seen) if self._seen else 0
                     self.metadata["status"] = status
@@ -252,7 +253,7 @@ class LiveReconstruction:
         self._dirty.set()
 
     def _record_trust(self, ids: np.ndarray, scores: FrameConsistency) -> None:
-        """Summarise the trust statistic so far in the metadata (called under the lock)."""
+        """Keep a batch's scores and flag its out-of-domain frames (called under the lock)."""
         trust = self.metadata["trust"]
         self._frame_scores.append(scores)
         threshold = trust.get("threshold")
@@ -262,11 +263,22 @@ class LiveReconstruction:
             self._flagged_ids.extend(int(i) for i in flagged[:room])
             trust["frames_flagged"] += int(len(flagged))
             trust["flagged_ids"] = list(self._flagged_ids)
-        everything = FrameConsistency(
-            error=np.concatenate([f.error for f in self._frame_scores]),
-            chi2=np.concatenate([f.chi2 for f in self._frame_scores]),
-        )
-        trust.update(everything.summary())
+
+    def _summarise_trust(self) -> None:
+        """Put the scores so far into the metadata's trust summary (under the lock).
+
+        Called per publish and at the end, not per batch: a median over a long scan costs a sort.
+        """
+        if not self._frame_scores:
+            return
+        if len(self._frame_scores) > 1:  # merged into one array, so the list stays short
+            self._frame_scores = [
+                FrameConsistency(
+                    error=np.concatenate([f.error for f in self._frame_scores]),
+                    chi2=np.concatenate([f.chi2 for f in self._frame_scores]),
+                )
+            ]
+        self.metadata["trust"].update(self._frame_scores[0].summary())
 
     def _accept(self, ids: np.ndarray, frames: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Mask of frames to reconstruct; the rest are counted as dropped or duplicate."""
@@ -336,6 +348,7 @@ class LiveReconstruction:
             return True
         with self._lock:
             image = self.stitcher.snapshot()
+            self._summarise_trust()
             metadata = {
                 **self.metadata,
                 "errors": list(self.metadata["errors"]),
