@@ -102,12 +102,16 @@ def rounded(figures: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in figures.items()}
 
 
-def trust_summary(section: dict, trust_map, phase, truth, region, probe) -> dict:
-    """The live trust figures, and how well the trust map follows the preview's true phase error."""
+def trust_summary(section: dict, trust_map, phase, truth, region, probe):
+    """The live trust figures, how well the map follows the preview's true phase error, and that error.
+
+    The error is the preview's absolute phase error averaged over the probe footprint (None
+    without a trust map).
+    """
     from bluesky_ptychonn.core.metrics import local_mean, pearson, remove_phase_offset
 
     if trust_map is None:
-        return {"available": False, "reason": section.get("reason")}
+        return {"available": False, "reason": section.get("reason")}, None
     error = np.abs(remove_phase_offset(phase, np.angle(truth), region) - np.angle(truth))
     footprint = np.abs(probe) ** 2
     local = local_mean(error, footprint)
@@ -122,25 +126,7 @@ def trust_summary(section: dict, trust_map, phase, truth, region, probe) -> dict
         "pearson_with_local_phase_error": round(pearson(trust_map[inside], local[inside]), 3),
         "pearson_with_pixel_phase_error": round(pearson(trust_map[inside], error[inside]), 3),
         "probe_source": section["probe_source"],
-        "error_map": local,
-    }
-
-
-def reconstruct_iterative_run(run, grid, options):
-    """pty-chi from a flat start on a run's frames, on ``grid``: the reference the refined image must match."""
-    from bluesky_ptychonn.archive.labels import run_inputs
-    from bluesky_ptychonn.core.ptychi_engine import reconstruct_iterative
-
-    inputs = run_inputs(run)
-    return reconstruct_iterative(
-        inputs.frames,
-        inputs.positions_m,
-        inputs.probe,
-        photons_per_frame=inputs.photons_per_frame,
-        pixel_size_m=inputs.pixel_size_m,
-        grid=grid,
-        options=options,
-    )
+    }, local
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
     from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+    from bluesky_ptychonn.archive.labels import run_inputs
     from bluesky_ptychonn.archive.refine_worker import RefineWorker
     from bluesky_ptychonn.archive.servers import start_embedded_server, subscribe_archive
     from bluesky_ptychonn.archive.truth import read_simulation_truth
@@ -220,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         region = weight >= 0.5 * weight.max()
         metrics = compare(amplitude, phase, np.abs(truth), np.angle(truth), region)
         trust_map = node["trust"].read() if "trust" in node else None
-        trust = trust_summary(md["trust"], trust_map, phase, truth, region, probe)
+        trust, local_error = trust_summary(md["trust"], trust_map, phase, truth, region, probe)
 
         print("[refine] pty-chi (LSQML) from the PtychoNN preview, started by the callback after the stop document")
         if not refiner.wait(600):
@@ -232,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         refined_amplitude, refined_phase = (refined_node[k].read() for k in ("amplitude", "phase"))
         stop_time = archive.raw[uid].metadata["stop"]["time"]
         print("[refine] the reference: pty-chi from a flat start on the same frames, run to convergence")
-        blank = reconstruct_iterative_run(archive.raw[uid], grid, blank_options())
+        blank = run_inputs(archive.raw[uid]).reconstruct(grid, blank_options())  # flat start
 
         live_fps = md["frames_done"] / (done - md["first_frame"])
         result_uri = f"{archive.client.context.api_uri}metadata/processed/{uid}/ptychonn"
@@ -289,14 +276,13 @@ def main(argv: list[str] | None = None) -> int:
                 ("trust (Fourier error; lower is better)", trust_map, "magma"),
                 (
                     "preview's |phase error|, footprint mean (rad)",
-                    np.where(region, trust["error_map"], np.nan),
+                    np.where(region, local_error, np.nan),
                     "magma",
                 ),
             ]
             if trust_map is not None
             else None,
         )
-        trust.pop("error_map", None)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
         print(

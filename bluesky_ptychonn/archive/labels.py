@@ -68,6 +68,42 @@ class RunInputs:
         """Side of a frame, which is also the side of the probe window on the object grid."""
         return int(self.frames.shape[-1])
 
+    def reconstruct(
+        self,
+        grid: ObjectGrid,
+        options: IterativeOptions,
+        *,
+        probe: np.ndarray | None = None,
+        photons_per_frame: float | None = None,
+        initial_object: np.ndarray | None = None,
+        progress: bool = False,
+    ) -> IterativeResult:
+        """pty-chi on these frames, on ``grid``; ``probe`` and ``photons_per_frame`` override the run's.
+
+        Raises :class:`RunError` for unusable frames or positions, naming the run.
+        """
+        from ..core.ptychi_engine import reconstruct_iterative
+
+        probe = self.probe if probe is None else probe
+        if probe is None:
+            raise RunError(
+                f"run {self.uid} has no probe description in its ptychography section: pty-chi needs the probe"
+            )
+        try:
+            return reconstruct_iterative(
+                self.frames,
+                self.positions_m,
+                probe,
+                pixel_size_m=self.pixel_size_m,
+                photons_per_frame=photons_per_frame or self.photons_per_frame,
+                options=options,
+                grid=grid,
+                initial_object=initial_object,
+                progress=progress,
+            )
+        except (FrameError, PositionError) as err:
+            raise RunError(f"run {self.uid}: {err}") from err
+
 
 def run_inputs(run: Any, photons_per_frame: float | None = None) -> RunInputs:
     """Frames, positions, probe, pixel size and flux of a run, as :func:`iterative_run` uses them.
@@ -133,27 +169,12 @@ def iterative_run(
     """
     from .. import __version__
     from ..core.iterative import IterativeOptions
-    from ..core.ptychi_engine import reconstruct_iterative
 
     options = options or IterativeOptions()
     inputs = run_inputs(run, photons_per_frame)
     uid = inputs.uid
-    if inputs.probe is None:
-        raise RunError(f"run {uid} has no probe description in its ptychography section: pty-chi needs the probe")
     grid = run_grid_for(run, inputs.pixel_size_m, inputs.frame_pixels)
-    try:
-        result = reconstruct_iterative(
-            inputs.frames,
-            inputs.positions_m,
-            inputs.probe,
-            pixel_size_m=inputs.pixel_size_m,
-            photons_per_frame=inputs.photons_per_frame,
-            options=options,
-            grid=grid,
-            progress=progress,
-        )
-    except (FrameError, PositionError) as err:
-        raise RunError(f"run {uid}: {err}") from err
+    result = inputs.reconstruct(grid, options, progress=progress)
     metadata = {
         "raw_uid": uid,
         "source": "iterative",

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ..core.metadata import jsonable
-from ..errors import ConfigurationError, FrameError, PositionError, RunError
+from ..errors import ConfigurationError, RunError
 from ..tiled_paths import ITERATIVE, PTYCHONN, REFINED, processed_path, read_stored_probe
 from .labels import RunInputs, ptychi_version, run_inputs
 from .runs import check_ptychography, root_of, run_grid_for, select
@@ -203,21 +203,17 @@ def plan_refinement(
 def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[str, Any]:
     """Mark the result ``running``, run pty-chi, write the image; a failure leaves it ``failed`` and is raised."""
     from ..core.consistency import STATISTIC, object_consistency
-    from ..core.ptychi_engine import reconstruct_iterative
     from ..live.sink import TiledSink
 
     uid, metadata = plan.inputs.uid, dict(plan.metadata)
     sink = TiledSink(client, uid, REFINED, replace=True)
     sink.write_metadata(metadata)  # the marker: readers see a refinement under way, not an old result
     try:
-        result = reconstruct_iterative(
-            plan.inputs.frames,
-            plan.inputs.positions_m,
-            plan.probe,
-            pixel_size_m=plan.inputs.pixel_size_m,
+        result = plan.inputs.reconstruct(
+            plan.grid,
+            plan.options,
+            probe=plan.probe,
             photons_per_frame=plan.photons_per_frame,
-            options=plan.options,
-            grid=plan.grid,
             initial_object=plan.initial_object,
             progress=progress,
         )
@@ -247,8 +243,6 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
             sink.write_metadata(metadata)
         except Exception as tiled_err:  # Tiled down as well: the log has it
             logger.error("run %s: could not record the failed refinement in Tiled: %r", uid, tiled_err)
-        if isinstance(err, FrameError | PositionError):
-            raise RunError(f"run {uid}: {err}") from err
         raise
     return {**metadata, "path": sink.path}
 
