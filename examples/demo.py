@@ -4,8 +4,8 @@
    its HDF5 files under ``<out>/data``, which the server serves as readable storage).
 2. Fly a prior scan of one region of a simulated random-features sample; it is archived in
    ``raw`` by TiledWriter like every run.
-3. Train PtychoNN on that run, read back through Tiled with its simulation truth as labels, plus
-   scans of other objects of the same family (or reuse the model cached by an earlier demo).
+3. Fine-tune the shipped base model (pretrained on simulated physics) on that run, read back
+   through Tiled with its simulation truth as labels (or reuse the model cached by an earlier demo).
 4. Fly a scan of a new region of the sample with the PtychoNN callback subscribed: amplitude,
    phase and the trust map (the preview's consistency with the measured frames) grow in
    ``processed/<uid>/ptychonn`` while the stage moves.
@@ -35,9 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.add_argument("--rows", type=int, default=32, help="scan lines (and points per line) of each scan")
-    p.add_argument("--family-objects", type=int, default=2, help="other objects of the family to train on")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--network", choices=("paper", "small"), default="small")
+    p.add_argument("--family-objects", type=int, default=0, help="other objects of the family to train on")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of fine-tuning on the prior run")
+    p.add_argument("--learning-rate", type=float, default=None, help="default: 3e-4 from the base, 1e-3 from scratch")
+    p.add_argument("--from-scratch", action="store_true", help="train a new network instead of the shipped base")
+    p.add_argument("--network", choices=("paper", "small"), default="small", help="with --from-scratch")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--retrain", action="store_true", help="train even if a cached model matches")
@@ -45,9 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_model(args: argparse.Namespace, prior_run, models: Path):
-    """Train on the prior run (through Tiled) and the family objects, or load the cached model."""
+    """Fine-tune the shipped base model on the prior run (through Tiled), or load the cached result.
+
+    With ``--from-scratch`` a new network trains on the prior run and ``--family-objects`` scans of
+    other objects of the family instead, as before base models shipped.
+    """
     from bluesky_ptychonn.archive.runs import scan_from_run
-    from bluesky_ptychonn.core.checkpoint import save_checkpoint
+    from bluesky_ptychonn.core.base_model import DEFAULT_BASE, base_model_path
+    from bluesky_ptychonn.core.checkpoint import load_model, save_checkpoint
     from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe, TrainConfig
     from bluesky_ptychonn.core.inference import Predictor
     from bluesky_ptychonn.core.training import TrainingSet, fit
@@ -55,8 +62,14 @@ def train_model(args: argparse.Namespace, prior_run, models: Path):
     from bluesky_ptychonn.files.scanfile import ScanData
     from bluesky_ptychonn.sim.physics import simulate_scan
 
-    network = NetworkConfig.preset(args.network).model_copy(update={"batch_norm": True})
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=0)
+    base, base_info = (None, None) if args.from_scratch else load_model(base_model_path(DEFAULT_BASE))
+    if base_info is not None:
+        network, recipe = base_info.network, base_info.recipe
+    else:
+        network = NetworkConfig.preset(args.network).model_copy(update={"batch_norm": True})
+        recipe = PreprocessRecipe(transform="sqrt")
+    rate = args.learning_rate or (3e-4 if base is not None else 1e-3)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=rate, seed=0)
     prior = scan_from_run(prior_run)
     settings = {
         "network": network.model_dump(),
@@ -65,7 +78,7 @@ def train_model(args: argparse.Namespace, prior_run, models: Path):
         "rows": args.rows,
         "prior_frames": int(len(prior.frames)),
         "sample": prior.metadata["sample_id"],
-        "consistency_calibrated": True,  # checkpoints record their out-of-domain threshold
+        "base": base_info.content_hash if base_info is not None else None,
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = models / f"ptychonn-{key}.safetensors"
@@ -78,11 +91,19 @@ def train_model(args: argparse.Namespace, prior_run, models: Path):
         scan = ScanData(s.frames, s.positions_m, s.frame_ids, s.geometry, s.probe, s.obj, s.grid, s.metadata)
         parts.append(training_set_from_scan(scan, source={"simulated_object_seed": seed}))
     data = TrainingSet.concatenate(parts)
-    print(
-        f"[model] training the {args.network} network on {len(data.frames)} frames "
-        f"({len(parts[0].frames)} from the prior run, the rest from {args.family_objects} objects of the family)"
+    start = f"the shipped base model {DEFAULT_BASE}" if base is not None else f"scratch ({args.network} network)"
+    print(f"[model] fine-tuning from {start} on {len(data.frames)} frames ({len(parts[0].frames)} from the prior run)")
+    model, info = fit(
+        data,
+        network,
+        recipe,
+        config,
+        device=args.device,
+        fit_scale=base is None,
+        initial_state=None if base is None else base.state_dict(),
     )
-    model, info = fit(data, network, PreprocessRecipe(transform="sqrt"), config, device=args.device)
+    if base_info is not None:
+        info.provenance["fine_tuned_from"] = {"base": DEFAULT_BASE, "content_hash": base_info.content_hash}
     save_checkpoint(path, model, info)
     print(
         f"[model] best validation loss {info.metrics['best_val_loss']:.4f} at epoch {info.metrics['best_epoch']}, "
@@ -227,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             **{k: round(v, 4) for k, v in metrics.items()},
             "frames": md["frames_done"],
             "device": str(predictor.device),
-            "network": args.network,
+            "network": predictor.info.network.model_dump(),
+            "fine_tuned_from": predictor.info.provenance.get("fine_tuned_from"),
             "model_hash": predictor.info.content_hash,
             "tiled_uri": result_uri,
             "run_uid": uid,

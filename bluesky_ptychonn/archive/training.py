@@ -166,19 +166,28 @@ def train_from_runs(
     device: str = "auto",
     out: str | Path | None = None,
     progress: bool = True,
+    base: str | Path | None = None,
 ) -> tuple[PtychoNN, CheckpointInfo]:
-    """Train a new model on prior runs: :func:`training_set_from_runs`, then ``core.training.fit``.
+    """Train a model on prior runs: :func:`training_set_from_runs`, then ``core.training.fit``.
 
     ``network`` is a configuration or a preset name (``"paper"``, ``"small"``) sized to the runs'
     frames, with BatchNorm when ``batch_norm``; ``recipe`` defaults to whole frames, the given
-    input ``transform`` and a scale fitted on the training frames. The provenance holds
-    ``run_uids``, ``label_source`` and each run's source; with ``out`` the checkpoint is written
-    there, atomically.
+    input ``transform`` and a scale fitted on the training frames. ``base`` starts from a
+    pretrained model instead (a checkpoint path, a shipped base model's name, or ``"auto"``: the
+    shipped base for the runs' geometry, if there is one); its network and recipe then replace
+    ``network``, ``transform`` and ``recipe``. The provenance holds ``run_uids``, ``label_source``
+    and each run's source; with ``out`` the checkpoint is written there, atomically.
     """
-    from ..core.checkpoint import save_checkpoint
+    from ..core.checkpoint import load_model, save_checkpoint
     from ..core.config import NetworkConfig, PreprocessRecipe
     from ..core.training import fit
 
+    uids_or_queries = list(uids_or_queries)
+    base_path = _resolve_base(base, catalog, uids_or_queries)
+    initial_state, base_info = None, None
+    if base_path is not None:
+        base_model, base_info = load_model(base_path, "cpu")
+        network, recipe, initial_state = base_info.network, base_info.recipe, base_model.state_dict()
     data = training_set_from_runs(
         catalog,
         uids_or_queries,
@@ -193,11 +202,50 @@ def train_from_runs(
     if isinstance(network, str):
         network = NetworkConfig.preset(network, n).model_copy(update={"batch_norm": batch_norm})
     recipe = recipe or PreprocessRecipe(frame_shape=tuple(data.frames.shape[1:]), transform=transform)
-    model, info = fit(data, network, recipe, config, device=device, progress=progress)
+    model, info = fit(
+        data,
+        network,
+        recipe,
+        config,
+        device=device,
+        progress=progress,
+        fit_scale=initial_state is None,
+        initial_state=initial_state,
+    )
     info.provenance.update(_run_provenance(data, label_source))
+    if base_info is not None:
+        info.provenance["fine_tuned_from"] = {"base": str(base), "content_hash": base_info.content_hash}
     if out is not None:
         info = save_checkpoint(out, model, info)  # atomic: written beside ``out``, then renamed over it
     return model, info
+
+
+def _resolve_base(base: str | Path | None, catalog: Any, uids_or_queries: Iterable[Any]) -> Path | None:
+    """The checkpoint path that ``base`` names (see :func:`train_from_runs`), or None."""
+    from ..core.base_model import BASE_MODELS, base_for, base_model_path
+
+    if base is None:
+        return None
+    if base == "auto":
+        runs = select(catalog, uids_or_queries)
+        name = base_for(schema.geometry(schema.read_section(runs[0].metadata["start"])))
+        return None if name is None else base_model_path(name)
+    if str(base) in BASE_MODELS:
+        return base_model_path(str(base))
+    return Path(base)
+
+
+def _start_from(checkpoint: str | Path, out: str | Path | None) -> tuple[Path, Path]:
+    """(checkpoint to load, where to write): a shipped base model's name loads it, and needs ``out``."""
+    from ..core.base_model import BASE_MODELS, base_model_path
+
+    if str(checkpoint) in BASE_MODELS:
+        if out is None:
+            raise ConfigurationError(
+                f"{checkpoint!s} is a shipped base model and is never replaced: give an output path"
+            )
+        return base_model_path(str(checkpoint)), Path(out)
+    return Path(checkpoint), Path(checkpoint if out is None else out)
 
 
 def fine_tune(
@@ -229,6 +277,7 @@ def fine_tune(
     from ..core.config import TrainConfig
     from ..core.training import fit
 
+    checkpoint, out = _start_from(checkpoint, out)
     base, base_info = load_model(checkpoint, "cpu")
     data = training_set_from_runs(
         catalog,
@@ -259,5 +308,61 @@ def fine_tune(
         "run_uids": base_info.provenance.get("run_uids", []),
         "label_source": base_info.provenance.get("label_source"),
     }
-    info = save_checkpoint(checkpoint if out is None else out, model, info)  # atomic, see save_checkpoint
+    info = save_checkpoint(out, model, info)  # atomic, see save_checkpoint
     return model, info
+
+
+def adapt_to_run(
+    checkpoint: str | Path,
+    catalog: Any,
+    uid_or_query: Any,
+    *,
+    out: str | Path | None = None,
+    minutes: float = 5.0,
+    client: Any = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[PtychoNN, CheckpointInfo]:
+    """Self-supervised fine-tuning on one run's own frames: no labels, its probe and the physics.
+
+    The probe is found as for trust maps (:func:`~bluesky_ptychonn.schema.probe_for`); a run
+    without one is refused. The new checkpoint goes to ``out`` (default: ``checkpoint``,
+    atomically), updated as it trains; its provenance names the run and the model it came from.
+    """
+    from ..core.adapt import ADAPT_CONFIG, adapt
+    from ..core.checkpoint import load_model
+    from ..core.consistency import unsupported_reason
+    from ..tiled_paths import stored_probe
+
+    runs = select(catalog, [uid_or_query])
+    if len(runs) != 1:
+        raise RunError(f"self-supervised fine-tuning adapts to one run; the selection matched {len(runs)}")
+    run = runs[0]
+    check_ptychography(runs)
+    client = root_of(catalog) if client is None else client
+    checkpoint, out = _start_from(checkpoint, out)
+    base, info = load_model(checkpoint, "cpu")
+    section = schema.read_section(run.metadata["start"])
+    uid = run.metadata["start"]["uid"]
+    geometry = schema.geometry(section)
+    reason = unsupported_reason(info.recipe, (geometry.frame_pixels, geometry.frame_pixels))
+    if reason or not np.isclose(info.recipe.pixel_size_m(geometry), geometry.pixel_size_m(), rtol=1e-6):
+        raise ConfigurationError(f"model {checkpoint} cannot adapt to run {uid}: {reason or 'its pixel size differs'}")
+    probe, probe_source = schema.probe_for(section, info.provenance, stored_probe(client, uid))
+    if probe is None:
+        raise RunError(f"run {uid}: {probe_source}")
+    scan = scan_from_run(run, with_truth=False)
+    config = ADAPT_CONFIG.model_copy(update={"budget_s": minutes * 60})
+    return adapt(
+        base,
+        info,
+        scan.frames,
+        scan.positions_m,
+        probe,
+        geometry.pixel_size_m(),
+        config=config,
+        device=device,
+        out=out,
+        provenance={"run_uids": [uid], "label_source": "none (self-supervised)", "probe_source": probe_source},
+        progress=progress,
+    )

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ..archive.training import FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE
+from ..core.base_model import DEFAULT_BASE
 from ..core.engine import LiveOptions
 from ..core.iterative import IterativeOptions
 from ..core.refine import REFINE_OPTIONS
+from ..errors import ConfigurationError
 from ..tiled_paths import ITERATIVE, PTYCHONN, processed_path
 from .options import (
     add_field,
@@ -85,14 +87,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_run_training(p)
     p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors), atomically")
     add_network_options(p, transforms=("sqrt", "log1p", "none"))
+    p.add_argument(
+        "--base",
+        default="auto",
+        help="start from this model: a checkpoint, a shipped base model's name, or 'auto', the shipped base for the "
+        "runs' geometry when there is one (default: auto; its network and recipe replace --network and --transform)",
+    )
+    p.add_argument("--from-scratch", action="store_true", help="start from random weights, not from a base model")
     add_training_options(p)
     p.set_defaults(func=train_runs)
 
     p = sub.add_parser("fine-tune", help="continue training a model on the newest runs; replace it atomically")
-    p.add_argument("checkpoint", type=Path, help="the model to start from (and, without --out, to replace)")
+    p.add_argument(
+        "checkpoint",
+        help=f"the model to start from (and, without --out, to replace), or a shipped base model ({DEFAULT_BASE})",
+    )
     _add_run_training(p)
     p.add_argument("--out", type=Path, default=None, help="where to write the new model (default: CHECKPOINT)")
     p.add_argument("--newest", type=int, default=None, help="train on the newest N selected runs only")
+    p.add_argument(
+        "--self-supervised",
+        action="store_true",
+        help="no labels: adapt to one run's own frames through the forward model with its probe and the overlaps",
+    )
+    p.add_argument("--minutes", type=float, default=5.0, help="budget of --self-supervised (default: 5)")
     add_training_options(p, epochs=FINE_TUNE_EPOCHS, learning_rate=FINE_TUNE_LEARNING_RATE)
     p.set_defaults(func=fine_tune)
 
@@ -275,6 +293,7 @@ def train_runs(args: argparse.Namespace) -> dict:
         iterative_options=_iterative_options(args, "iterative_"),
         device=args.device,
         out=args.out,
+        base=None if args.from_scratch else args.base,
     )
     return _summary(args, client, args.out, info)
 
@@ -284,6 +303,16 @@ def fine_tune(args: argparse.Namespace) -> dict:
     from ..archive.training import fine_tune
 
     client, raw, items = runs_from_args(args)
+    out = args.out or args.checkpoint
+    if args.self_supervised:
+        from ..archive.training import adapt_to_run
+
+        if len(items) != 1:
+            raise ConfigurationError(f"--self-supervised adapts to one run; {len(items)} selections were given")
+        _, info = adapt_to_run(
+            args.checkpoint, raw, items[0], out=args.out, minutes=args.minutes, client=client, device=args.device
+        )
+        return _summary(args, client, out, info)
     config = training_config(args)
     _, info = fine_tune(
         args.checkpoint,
@@ -300,4 +329,4 @@ def fine_tune(args: argparse.Namespace) -> dict:
         iterative_options=_iterative_options(args, "iterative_"),
         device=args.device,
     )
-    return _summary(args, client, args.out or args.checkpoint, info)
+    return _summary(args, client, out, info)

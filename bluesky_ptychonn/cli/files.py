@@ -1,4 +1,5 @@
-"""Commands on files: ``simulate`` a scan, ``train`` on scan files, ``reconstruct`` a scan file."""
+"""Commands on files: ``simulate`` a scan, ``train`` on scan files, ``pretrain`` a base model on the
+simulated family, ``reconstruct`` a scan file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import DetectorGeometry
+from ..core.pretrain import StreamConfig
 from .options import add_field, add_network_options, add_training_options, training_config
 
 
@@ -41,6 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_training_options(p)
     p.set_defaults(func=train)
 
+    p = sub.add_parser("pretrain", help="train a base model on fresh simulated frames of a sample family")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors), updated as it trains")
+    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget (default: 60)")
+    p.add_argument("--network", choices=("paper", "small"), default="small", help="network preset (default: small)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated stream and the weights")
+    for name in ("steps", "learning_rate", "physics_weight", "overlap_weight", "loss_window"):
+        add_field(p, "--" + name.replace("_", "-"), StreamConfig, name)
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:n]' (default: auto)")
+    p.set_defaults(func=pretrain)
+
     p = sub.add_parser("reconstruct", help="stitched amplitude/phase of a scan file, with metrics and a PNG")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("scan", type=Path)
@@ -49,6 +61,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", choices=("gaussian", "central", "uniform"), default="gaussian")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=reconstruct)
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """``pretrain``: a base model from the simulated family; returns its summary."""
+    import shlex
+    import sys
+
+    from ..core.config import NetworkConfig
+    from ..sim.family import FamilyConfig
+    from ..sim.pretraining import pretrain
+
+    config = StreamConfig(
+        budget_s=args.minutes * 60,
+        seed=args.seed,
+        **{k: getattr(args, k) for k in ("steps", "learning_rate", "physics_weight", "overlap_weight", "loss_window")},
+    )
+    _, info = pretrain(
+        FamilyConfig(seed=args.seed),
+        NetworkConfig.preset(args.network).model_copy(update={"batch_norm": True}),
+        config,
+        out=args.out,
+        device=args.device,
+        command="bluesky-ptychonn " + shlex.join(sys.argv[1:]),
+    )
+    keys = ("steps", "frames_seen", "train_seconds", "device")
+    return (
+        {"checkpoint": str(args.out), "content_hash": info.content_hash}
+        | {k: info.provenance[k] for k in keys}
+        | {"best_validation": info.metrics["best_validation"]}
+    )
 
 
 def simulate(args: argparse.Namespace) -> dict:

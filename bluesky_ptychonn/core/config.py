@@ -48,7 +48,8 @@ class DetectorGeometry(Frozen):
 class PreprocessRecipe(Frozen):
     """How raw detector counts become network input; applied identically in training and inference.
 
-    Steps, in order: orientation, central crop, binning (or area resize), threshold, transform, scale.
+    Steps, in order: orientation, central crop, binning (or area resize), threshold, normalisation, transform,
+    scale.
     """
 
     frame_shape: tuple[int, int] = Field((64, 64), description="Raw detector frame shape (rows, columns) accepted.")
@@ -61,6 +62,13 @@ class PreprocessRecipe(Frozen):
         None, gt=0, description="Area-resample to this side after binning; None keeps it."
     )
     threshold_counts: float = Field(0.0, ge=0, description="Counts below this become zero (the paper used 3).")
+    normalize: Literal["none", "total"] = Field(
+        "none",
+        description=(
+            "'total' rescales each frame to one count per pixel on average before the transform, so the input "
+            "does not depend on the flux (pretrained base models are trained over 1e4 to 1e7 photons per frame)."
+        ),
+    )
     transform: Literal["none", "sqrt", "log1p"] = Field("sqrt", description="Pointwise transform of the counts.")
     scale: float = Field(1.0, gt=0, description="Multiplier after the transform, fitted on the training frames.")
 

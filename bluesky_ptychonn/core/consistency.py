@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from .config import PreprocessRecipe
 from .geometry import ObjectGrid, extract_patches
-from .preprocess import preprocess
+from .preprocess import orientation_only, preprocess
 from .stitching import PatchStitcher
 
 __all__ = [
@@ -142,7 +142,7 @@ class ConsistencyModel:
         self.probe = probe.astype(np.complex64)
         self._probe = torch.from_numpy(self.probe).to(self.device)
         # Orientation only: counts stay counts.
-        self._orient = recipe.model_copy(update={"transform": "none", "threshold_counts": 0.0, "scale": 1.0})
+        self._orient = orientation_only(recipe)
 
     @property
     def footprint(self) -> np.ndarray:

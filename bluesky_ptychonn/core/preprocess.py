@@ -72,11 +72,19 @@ def preprocess(frames: np.ndarray, recipe: PreprocessRecipe) -> np.ndarray:
         x = a @ x @ a.T
     if recipe.threshold_counts:
         x = np.where(x < recipe.threshold_counts, 0, x)
+    if recipe.normalize == "total":
+        totals = x.sum(axis=(1, 2), keepdims=True)
+        x = x * (x.shape[1] * x.shape[2] / np.maximum(totals, 1.0))
     if recipe.transform == "sqrt":
         x = np.sqrt(x)
     elif recipe.transform == "log1p":
         x = np.log1p(x)
     return np.ascontiguousarray(x * recipe.scale, dtype=np.float32)
+
+
+def orientation_only(recipe: PreprocessRecipe) -> PreprocessRecipe:
+    """``recipe`` with only its orientation and geometry steps: counts stay counts (for forward models)."""
+    return recipe.model_copy(update={"transform": "none", "threshold_counts": 0.0, "scale": 1.0, "normalize": "none"})
 
 
 def fitted_scale(frames: np.ndarray, recipe: PreprocessRecipe) -> float:
