@@ -6,12 +6,14 @@ Here, all through a RunEngine, the simulated devices and an embedded Tiled serve
 
 1. a prior fly scan of one region of a sample; pty-chi (ePIE) reconstructs it and its
    reconstruction becomes the labels (``processed/<uid>/iterative``);
-2. PtychoNN is trained on that run pulled back through databroker (labels: the pty-chi image);
-3. live scans of a new region of the same sample, at the same step and at a 5x larger step,
-   with the PtychoNN callback subscribed; pty-chi reconstructs both too;
+2. PtychoNN is fine-tuned from the shipped base model (pretrained on simulated physics) on that
+   run pulled back through databroker (labels: the pty-chi image), as ``train-runs`` does;
+3. live scans of a new region of the same sample, at the dense step and at 2x to 5x that step
+   (the paper's Fig. 4), with the PtychoNN callback subscribed; pty-chi reconstructs each too;
 4. PtychoNN and pty-chi are compared with the ground truth, with their wall times on this
    machine; a training-set-size study (quality against the number of training frames, as in
-   the paper's Fig. 5) retrains on the first lines of the prior run only.
+   the paper's Fig. 5) trains on the first lines of the prior run only, with and without the
+   base model.
 
 Writes ``results.json``, ``results.md`` (the README's table) and PNG figures (ground truth,
 pty-chi and PtychoNN side by side for both steps) to ``--out``.
@@ -32,10 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("paper-output"))
     p.add_argument("--rows", type=int, default=30, help="lines (and points per line) of the dense scans")
-    p.add_argument("--sparse-factor", type=int, default=5, help="step multiplier of the sparse scan")
+    p.add_argument("--factors", default="1,2,3,4,5", help="step multipliers of the live scans (1: the dense step)")
     p.add_argument("--epochs", type=int, default=8, help="PtychoNN training epochs")
     p.add_argument("--ptychi-epochs", type=int, default=100)
-    p.add_argument("--network", choices=("paper", "small"), default="small")
+    p.add_argument("--network", choices=("paper", "small"), default="small", help="network trained from scratch")
     p.add_argument(
         "--sizes", default="0.2,0.5", help="prior-line fractions of the training-size study (1.0 is the main model)"
     )
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     archive = start_embedded_server(out / "data", directory=out / "tiled")
-    results: dict = {"rows": args.rows, "sparse_factor": args.sparse_factor}
+    results: dict = {"rows": args.rows, "factors": args.factors}
     try:
         run_engine = RunEngine({})
         subscribe_archive(run_engine, archive.client)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         network = NetworkConfig.preset(args.network).model_copy(update={"batch_norm": True})
         config = TrainConfig(epochs=args.epochs, batch_size=16)
 
-        def train(lines):
+        def train(lines, base):
             t = time.perf_counter()
             model, info = train_from_runs(
                 archive.raw,
@@ -108,24 +110,25 @@ def main(argv: list[str] | None = None) -> int:
                 label_source="iterative",
                 lines=lines,
                 network=network,
-                config=config,
+                config=config if base is None else tuned,
                 client=archive.client,
                 device=args.device,
+                base=base,
             )
             return Predictor(model, info, device=args.device), time.perf_counter() - t, info
 
-        print(f"[train] PtychoNN ({args.network}) on the prior run with pty-chi labels")
-        predictor, train_seconds, info = train(1.0)
+        tuned = config.model_copy(update={"learning_rate": 3e-4})
+        print("[train] PtychoNN fine-tuned from the shipped base model on the prior run with pty-chi labels")
+        predictor, train_seconds, info = train(1.0, "auto")
         results["train_seconds"] = round(train_seconds, 1)
         results["train_frames"] = info.provenance["train_frames"] + info.provenance["validation_frames"]
 
         callback = PtychoNNCallback(predictor, archive.client, CallbackConfig(data_roots=[archive.data_dir]))
         token = run_engine.subscribe(callback)
-        sparse_rows = (args.rows - 1) // args.sparse_factor + 1
-        scans = {
-            "dense": ((args.rows, args.rows), step_m),
-            f"{args.sparse_factor}x sparse": ((sparse_rows, sparse_rows), step_m * args.sparse_factor),
-        }
+        scans = {}
+        for factor in [int(f) for f in args.factors.split(",")]:
+            rows = (args.rows - 1) // factor + 1
+            scans["dense" if factor == 1 else f"{factor}x sparse"] = ((rows, rows), step_m * factor)
         rows_md = []
         for label, (shape, step) in scans.items():
             print(f"[live] {label} scan {shape[0]}x{shape[1]}, step {step * 1e9:.0f} nm, PtychoNN subscribed")
@@ -171,21 +174,24 @@ def main(argv: list[str] | None = None) -> int:
         dense_grid = dense.truth_grid
         study = []
         for fraction in [float(f) for f in args.sizes.split(",") if f] + [1.0]:
-            if fraction == 1.0:
-                p, seconds = predictor, train_seconds
-            else:
-                print(f"[size study] training on the first {fraction:.0%} of the prior run's lines")
-                p, seconds, _ = train(fraction)
-            image = reconstruct(p, dense.frames, dense.positions_m, grid=dense_grid)
-            quality = _quality(image.amplitude, image.phase, dense.truth, image.covered(0.5))
-            study.append(
-                {
-                    "lines_fraction": fraction,
-                    "frames": int(round(fraction * len(dense.frames))),
-                    "train_seconds": round(seconds, 1),
-                    **quality,
-                }
-            )
+            for base in ("auto", None):
+                if fraction == 1.0 and base:
+                    p, seconds = predictor, train_seconds
+                else:
+                    start = "the base model" if base else "scratch"
+                    print(f"[size study] training from {start} on the first {fraction:.0%} of the prior run's lines")
+                    p, seconds, _ = train(fraction, base)
+                image = reconstruct(p, dense.frames, dense.positions_m, grid=dense_grid)
+                quality = _quality(image.amplitude, image.phase, dense.truth, image.covered(0.5))
+                study.append(
+                    {
+                        "lines_fraction": fraction,
+                        "start": "base model" if base else "scratch",
+                        "frames": int(round(fraction * len(dense.frames))),
+                        "train_seconds": round(seconds, 1),
+                        **quality,
+                    }
+                )
         results["size_study"] = study
     finally:
         archive.close()
@@ -193,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [
         "| scan | frames | step (nm) | method | amplitude SSIM | amplitude PSNR | phase SSIM | phase PSNR | "
-        "phase Pearson | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "phase Pearson | phase FRC (px) | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["scans"]:
         for method, key, seconds in (
@@ -205,13 +211,17 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(
                 f"| {row['scan']} | {row['frames']} | {row['step_nm']} | {method} | {q['amplitude_ssim']} | "
                 f"{q['amplitude_psnr']} | {q['phase_ssim']} | {q['phase_psnr']} | {q['phase_pearson']} | "
-                f"{seconds} |"
+                f"{q['phase_frc_px']} | {seconds} |"
             )
-    lines += ["", "| prior lines | amplitude SSIM | phase SSIM | phase Pearson | train (s) |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| prior lines | start | amplitude SSIM | phase SSIM | phase Pearson | phase FRC (px) | train (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in results["size_study"]:
         lines.append(
-            f"| {s['lines_fraction']:.0%} | {s['amplitude_ssim']} | {s['phase_ssim']} | "
-            f"{s['phase_pearson']} | {s['train_seconds']} |"
+            f"| {s['lines_fraction']:.0%} | {s['start']} | {s['amplitude_ssim']} | {s['phase_ssim']} | "
+            f"{s['phase_pearson']} | {s['phase_frc_px']} | {s['train_seconds']} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

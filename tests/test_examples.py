@@ -39,6 +39,7 @@ def test_demo_runs_and_writes_its_summary(tmp_path):
     ):
         assert key in summary, key
     assert summary["frames"] == 64 and summary["status"] == "complete" and summary["device"] == "cpu"
+    assert summary["fine_tuned_from"]["base"] == "default-64"  # the demo starts from the shipped base model
     assert (tmp_path / "live_reconstruction.png").stat().st_size > 10_000
     assert "processed/" in summary["tiled_uri"] and summary["run_uid"] in stdout
     # The trust map came with the preview, and the refinement followed without being asked.
@@ -61,8 +62,8 @@ def test_paper_protocol_runs_and_writes_its_table(tmp_path):
         str(tmp_path),
         "--rows",
         "6",
-        "--sparse-factor",
-        "5",
+        "--factors",
+        "1,5",
         "--epochs",
         "1",
         "--ptychi-epochs",
@@ -76,6 +77,7 @@ def test_paper_protocol_runs_and_writes_its_table(tmp_path):
     assert [s["scan"] for s in results["scans"]] == ["dense", "5x sparse"]
     for row in results["scans"]:
         assert set(row["ptychonn"]) >= {"phase_ssim", "amplitude_psnr"} and row["ptychi_seconds"] >= 0
-    assert [s["lines_fraction"] for s in results["size_study"]] == [0.5, 1.0]
+    study = [(s["lines_fraction"], s["start"]) for s in results["size_study"]]
+    assert study == [(0.5, "base model"), (0.5, "scratch"), (1.0, "base model"), (1.0, "scratch")]
     assert "| dense |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "paper_dense.png").exists() and (tmp_path / "paper_5x_sparse.png").exists()

@@ -125,6 +125,7 @@ def test_quick_seeded_training_beats_an_untrained_model_on_held_out_frames(tmp_p
         scan.positions_m,
         scan.probe,
         scan.grid.pixel_size_m,
+        photons_per_frame=1e6,  # the flux is known: the amplitude's level is learnt too
         config=config,
         device="cpu",
         progress=False,

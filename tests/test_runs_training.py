@@ -209,6 +209,31 @@ def test_fine_tuned_model_is_picked_up_by_the_running_consumer(tiled_server, fly
     assert max(float((tuned[k].cpu() - base_weights[k]).abs().max()) for k in tuned) < 1e-2
 
 
+def test_self_supervised_fine_tune_adapts_to_one_run_without_labels(tiled_server, fly, tmp_path, monkeypatch, capsys):
+    tag = uuid.uuid4().hex
+    uid = fly(tag, shape=(3, 4))
+    start = tmp_path / "start.safetensors"
+    base = save_checkpoint(start, PtychoNN(TINY).eval(), CheckpointInfo(TINY, PreprocessRecipe(frame_shape=(32, 32))))
+    out = tmp_path / "adapted.safetensors"
+    argv = ["fine-tune", str(start), uid, "--self-supervised", "--minutes", "0.05", "--out", str(out)]
+    assert main([*argv, "--device", "cpu", *_tiled_args(tiled_server, monkeypatch)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    info, _ = read_info(out)
+    assert summary["content_hash"] == info.content_hash and summary["run_uids"] == [uid]
+    assert info.provenance["label_source"] == "none (self-supervised)"
+    assert info.provenance["adapted_from"]["content_hash"] == base.content_hash
+    assert "run start document" in info.provenance["probe_source"] and info.recipe == base.recipe
+    assert read_info(start)[0].content_hash == base.content_hash  # --out leaves the starting model alone
+
+    fly(tag, shape=(2, 3))  # a second run of the campaign: adapting to two scans at once is refused
+    argv = ["fine-tune", str(start), "--where", f"start.campaign={tag}", "--self-supervised", "--out", str(out)]
+    assert main([*argv, *_tiled_args(tiled_server, monkeypatch)]) == 2
+    assert "one run; the selection matched 2" in capsys.readouterr().err
+    # A shipped base model is never overwritten in place.
+    assert main(["fine-tune", "default-64", uid, "--self-supervised", *_tiled_args(tiled_server, monkeypatch)]) == 2
+    assert "never replaced" in capsys.readouterr().err
+
+
 def _tiled_args(tiled_server, monkeypatch):
     """Command-line arguments reaching the test server, its key in an environment variable (never in argv)."""
     monkeypatch.setenv("TEST_TILED_KEY", tiled_server.server.api_key)

@@ -333,6 +333,7 @@ def adapt_to_run(
     from ..core.checkpoint import load_model
     from ..core.consistency import unsupported_reason
     from ..tiled_paths import stored_probe
+    from .labels import run_inputs
 
     runs = select(catalog, [uid_or_query])
     if len(runs) != 1:
@@ -351,15 +352,17 @@ def adapt_to_run(
     probe, probe_source = schema.probe_for(section, info.provenance, stored_probe(client, uid))
     if probe is None:
         raise RunError(f"run {uid}: {probe_source}")
-    scan = scan_from_run(run, with_truth=False)
+    inputs = run_inputs(run)
     config = ADAPT_CONFIG.model_copy(update={"budget_s": minutes * 60})
+    known = inputs.photons_source != "estimate: largest frame sum"
     return adapt(
         base,
         info,
-        scan.frames,
-        scan.positions_m,
+        inputs.frames,
+        inputs.positions_m,
         probe,
         geometry.pixel_size_m(),
+        photons_per_frame=inputs.photons_per_frame if known else None,
         config=config,
         device=device,
         out=out,

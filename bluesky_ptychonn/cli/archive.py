@@ -102,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "checkpoint",
         help=f"the model to start from (and, without --out, to replace), or a shipped base model ({DEFAULT_BASE})",
     )
-    _add_run_training(p)
+    _add_run_training(p, labels_required=False)
     p.add_argument("--out", type=Path, default=None, help="where to write the new model (default: CHECKPOINT)")
     p.add_argument("--newest", type=int, default=None, help="train on the newest N selected runs only")
     p.add_argument(
@@ -144,9 +144,10 @@ def _iterative_options(args: argparse.Namespace, dest: str) -> IterativeOptions:
     )
 
 
-def _add_run_training(p: argparse.ArgumentParser) -> None:
+def _add_run_training(p: argparse.ArgumentParser, labels_required: bool = True) -> None:
     add_selection_arguments(p)
-    p.add_argument("--labels", choices=("iterative", "truth"), required=True, help="label source")
+    text = "label source" + ("" if labels_required else " (required unless --self-supervised)")
+    p.add_argument("--labels", choices=("iterative", "truth"), required=labels_required, help=text)
     p.add_argument("--lines", type=float, default=1.0, help="use the first fraction of each run's scan lines")
     add_iterative_options(p, "--iterative-")
     p.add_argument("--no-register", action="store_true", help="do not describe the model at models/<hash> in Tiled")
@@ -313,6 +314,8 @@ def fine_tune(args: argparse.Namespace) -> dict:
             args.checkpoint, raw, items[0], out=args.out, minutes=args.minutes, client=client, device=args.device
         )
         return _summary(args, client, out, info)
+    if args.labels is None:
+        raise ConfigurationError("fine-tune needs --labels (iterative or truth), or --self-supervised")
     config = training_config(args)
     _, info = fine_tune(
         args.checkpoint,

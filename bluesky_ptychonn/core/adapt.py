@@ -39,6 +39,7 @@ def neighbourhoods(
     pixel_size_m: float,
     probe: np.ndarray,
     *,
+    photons_per_frame: float | None = None,
     batch_frames: int = 32,
     max_shift_px: float | None = None,
     seed: int = 0,
@@ -46,6 +47,8 @@ def neighbourhoods(
     """Endless unlabelled batches: the ``batch_frames`` frames nearest a random scan point, with their overlaps.
 
     Pairs are frames whose patch corners lie within ``max_shift_px`` (default: half the patch).
+    A known ``photons_per_frame`` fixes the forward model's scale, so the amplitude's level is
+    learnt too; without it the scale is fitted per frame.
     """
     if len(frames) != len(positions_m):
         raise ConfigurationError(f"{len(frames)} frames but {len(positions_m)} positions")
@@ -65,6 +68,7 @@ def neighbourhoods(
             probes=probes,
             probe_index=np.zeros(k, np.int64),
             pairs=OverlapPairs.neighbours(corners[idx], limit),
+            flux=None if photons_per_frame is None else np.full(k, photons_per_frame, np.float32),
         )
 
 
@@ -76,6 +80,7 @@ def adapt(
     probe: np.ndarray,
     pixel_size_m: float,
     *,
+    photons_per_frame: float | None = None,
     config: StreamConfig = ADAPT_CONFIG,
     device: str = "auto",
     provenance: dict[str, Any] | None = None,
@@ -85,11 +90,16 @@ def adapt(
     """Fine-tune ``model`` on one run without labels; return the adapted model and its checkpoint info.
 
     ``probe`` is the run's, on the network's patch grid of ``pixel_size_m`` pixels (the recipe's
-    real-space pixel for the run's geometry).
+    real-space pixel for the run's geometry); ``photons_per_frame``, when known, fixes the
+    forward model's scale (see :func:`neighbourhoods`).
     """
     pixel = pixel_size_m
-    stream = neighbourhoods(frames, positions_m, pixel, probe, seed=config.seed)
-    validation = [next(neighbourhoods(frames, positions_m, pixel, probe, seed=config.seed + 1 + i)) for i in range(4)]
+
+    def batches(seed: int) -> Iterator[PhysicsBatch]:
+        return neighbourhoods(frames, positions_m, pixel, probe, photons_per_frame=photons_per_frame, seed=seed)
+
+    stream = batches(config.seed)
+    validation = [next(batches(config.seed + 1 + i)) for i in range(4)]
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     adapted, new_info = fit_stream(
         stream,

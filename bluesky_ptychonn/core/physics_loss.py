@@ -54,6 +54,8 @@ class PhysicsBatch:
     probes : (S, n, n) complex64; ``probe_index`` (B,) says which one lit each frame.
     pairs : OverlapPairs of frames in the batch whose patches overlap.
     photons : (B,) flux of each frame where known (simulations), for the record.
+    flux : (B,) photons per frame through free space, the forward model's absolute scale; None fits
+        the scale per frame (the network then answers for the amplitude's shape, not its level).
     """
 
     frames: np.ndarray
@@ -63,6 +65,7 @@ class PhysicsBatch:
     probe_index: np.ndarray
     pairs: OverlapPairs
     photons: np.ndarray | None = None
+    flux: np.ndarray | None = None
 
     @classmethod
     def concatenate(cls, parts: list[PhysicsBatch]) -> PhysicsBatch:

@@ -81,6 +81,7 @@ class _Step:
         self.labels = None
         if batch.amplitude is not None and batch.phase is not None:
             self.labels = (torch.from_numpy(batch.amplitude).to(dev), torch.from_numpy(batch.phase).to(dev))
+        self.flux = None if batch.flux is None else torch.as_tensor(batch.flux, dtype=torch.float32, device=dev)
         self.pairs = batch.pairs
         self.weight = weight
 
@@ -92,7 +93,7 @@ class _Step:
         if self.labels is not None:
             a, p = self.labels
             out["supervised"] = ((amp - a).abs() * self.weight).mean() + ((ph - p).abs() * self.weight).mean()
-        out["physics"] = poisson_deviance(amp, ph, self.probe, self.counts).mean()
+        out["physics"] = poisson_deviance(amp, ph, self.probe, self.counts, self.flux).mean()
         out["overlap"] = overlap_loss(amp, ph, self.probe.abs().square(), self.pairs)
         weights = {"supervised": config.supervised_weight, "physics": config.physics_weight}
         weights["overlap"] = config.overlap_weight
