@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         for method, q in row["methods"].items():
             lines.append(
                 f"| {row['case']} ({row['frames']} frames) | {method} | {q['amplitude_ssim']} | "
-                f"{q['amplitude_psnr']} | {q['amplitude_pearson']} | {q['phase_ssim']} | {q['phase_psnr']} | {q['phase_pearson']} | "
-                f"{q['phase_frc_px']} | {q['seconds']} |"
+                f"{q['amplitude_psnr']} | {q['amplitude_pearson']} | {q['phase_ssim']} | {q['phase_psnr']} | "
+                f"{q['phase_pearson']} | {q['phase_frc_px']} | {q['seconds']} |"
             )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -35,7 +35,7 @@ from .config import Frozen
 from .consistency import STATISTIC, ConsistencyModel, FrameConsistency
 from .geometry import ObjectGrid
 from .preprocess import bad_frames
-from .stitching import PatchStitcher, StitchedImage, patch_window
+from .stitching import STITCH_WIDTH, PatchStitcher, StitchedImage, patch_window
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class LiveOptions(Frozen):
     final_retry_s: float = Field(600.0, ge=0, description="How long the final image is retried after the run ends.")
     window: Literal["gaussian", "central", "uniform"] = Field(
         "gaussian", description="Stitching weight of each patch (see core.stitching.patch_window)."
+    )
+    window_width: float = Field(
+        STITCH_WIDTH, gt=0, le=1, description="Width of the stitching window as a fraction of the patch."
     )
     saturation_counts: float | None = Field(
         None, gt=0, description="Frames with any pixel at or above this are dropped as saturated; None keeps them."
@@ -112,7 +115,12 @@ class LiveReconstruction:
         n = predictor.patch_pixels
         self.consistency, trust = _consistency(predictor, probe, probe_source)
         footprint = self.consistency.footprint if self.consistency else None
-        self.stitcher = PatchStitcher(grid, n, patch_window(n, self.options.window), trust_window=footprint)
+        self.stitcher = PatchStitcher(
+            grid,
+            n,
+            patch_window(n, self.options.window, width_fraction=self.options.window_width),
+            trust_window=footprint,
+        )
         self.sink = sink
         self._frame_scores: list[FrameConsistency] = []
         self._flagged_ids: list[int] = []

@@ -12,7 +12,7 @@ import numpy as np
 
 from .geometry import ObjectGrid
 from .metrics import compare
-from .stitching import PatchStitcher, StitchedImage, patch_window
+from .stitching import STITCH_WIDTH, PatchStitcher, StitchedImage, patch_window
 
 if TYPE_CHECKING:
     from .inference import Predictor
@@ -25,6 +25,7 @@ def reconstruct(
     *,
     grid: ObjectGrid | None = None,
     window: str = "gaussian",
+    window_width: float = STITCH_WIDTH,
     batch_size: int = 512,
 ) -> StitchedImage:
     """Predict every frame and stitch the patches; the grid defaults to one covering the positions.
@@ -34,7 +35,7 @@ def reconstruct(
     n = predictor.patch_pixels
     if grid is None:
         raise ValueError("reconstruct needs the object grid (ObjectGrid.covering(positions, pixel_size_m, n))")
-    stitcher = PatchStitcher(grid, n, patch_window(n, window))
+    stitcher = PatchStitcher(grid, n, patch_window(n, window, width_fraction=window_width))
     for s in range(0, len(frames), batch_size):
         amplitude, phase = predictor.predict(frames[s : s + batch_size])
         stitcher.add(amplitude, phase, positions_m[s : s + batch_size])

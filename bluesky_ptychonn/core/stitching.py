@@ -35,6 +35,11 @@ def patch_window(n: int, kind: str = "gaussian", *, width_fraction: float = 0.15
     raise ValueError(f"unknown window {kind!r}; expected 'gaussian', 'central' or 'uniform'")
 
 
+#: Stitching window width (fraction of the patch): a Gaussian of sigma 0.1 n keeps each prediction's
+#: sharpest centre. On held-out dense scans it gave phase SSIM 0.67 against 0.43 at 0.15, and
+#: better Pearson and FRC at 1x and 2x steps and on the circuit family (about equal at 5x).
+STITCH_WIDTH = 0.1
+
 #: Trust is defined where the summed probe footprints reach this fraction of one footprint's peak;
 #: beyond, only the probe's faint tails reach and the ratio is noise.
 TRUST_MIN_FOOTPRINT = 0.01
