@@ -22,7 +22,7 @@ from .pretrain import StreamConfig, fit_stream
 
 #: Self-supervised defaults: minutes on a CPU, a rate that adapts without forgetting.
 ADAPT_CONFIG = StreamConfig(
-    steps=300,
+    steps=5000,
     budget_s=300,
     learning_rate=2e-4,
     min_learning_rate=1e-5,

@@ -17,7 +17,13 @@ from ..errors import CheckpointError, ConfigurationError
 from .config import DetectorGeometry
 
 #: name -> (file name, sha256 of the file's bytes, the frame geometry it was trained for)
-BASE_MODELS: dict[str, tuple[str, str, DetectorGeometry]] = {}
+BASE_MODELS: dict[str, tuple[str, str, DetectorGeometry]] = {
+    "default-64": (
+        "default-64.safetensors",
+        "7eb13fb1b2674cc2701a0637cde97a9099656182232a33ccc434950402d80c3a",
+        DetectorGeometry(),
+    ),
+}
 
 DEFAULT_BASE = "default-64"
 
