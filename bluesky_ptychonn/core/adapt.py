@@ -93,10 +93,9 @@ def adapt(
     real-space pixel for the run's geometry); ``photons_per_frame``, when known, fixes the
     forward model's scale (see :func:`neighbourhoods`).
     """
-    pixel = pixel_size_m
 
     def batches(seed: int) -> Iterator[PhysicsBatch]:
-        return neighbourhoods(frames, positions_m, pixel, probe, photons_per_frame=photons_per_frame, seed=seed)
+        return neighbourhoods(frames, positions_m, pixel_size_m, probe, photons_per_frame=photons_per_frame, seed=seed)
 
     stream = batches(config.seed)
     validation = [next(batches(config.seed + 1 + i)) for i in range(4)]

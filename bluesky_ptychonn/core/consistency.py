@@ -180,11 +180,11 @@ class ConsistencyModel:
     def _magnitudes(self, amplitude: np.ndarray, phase: np.ndarray) -> Any:
         import torch
 
+        from .physics_loss import far_field_magnitudes
+
         a = torch.as_tensor(np.ascontiguousarray(amplitude, np.float32), device=self.device)
         p = torch.as_tensor(np.ascontiguousarray(phase, np.float32), device=self.device)
-        wave = torch.polar(a, p) * self._probe
-        spectrum = torch.fft.fftshift(torch.fft.fft2(wave, norm="ortho"), dim=(-2, -1))
-        return spectrum.abs()
+        return far_field_magnitudes(a, p, self._probe)
 
     def _score(self, amplitude: np.ndarray, phase: np.ndarray, measured: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch

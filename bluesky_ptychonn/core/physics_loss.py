@@ -91,10 +91,19 @@ class PhysicsBatch:
         )
 
 
-def model_intensity(amplitude: torch.Tensor, phase: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
-    """|FFT(probe x amplitude e^{i phase})|^2 of (B, n, n) patches; ``probe`` is (n, n) or (B, n, n)."""
+def far_field_magnitudes(amplitude: torch.Tensor, phase: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """|FFT(probe x amplitude e^{i phase})| of (B, n, n) patches; ``probe`` is (n, n) or (B, n, n).
+
+    The simulator's convention (orthonormal FFT, zero frequency at the frame centre); the trust
+    maps of :mod:`~bluesky_ptychonn.core.consistency` use the same model.
+    """
     wave = torch.polar(amplitude.float(), phase.float()) * probe
-    return torch.fft.fftshift(torch.fft.fft2(wave, norm="ortho"), dim=(-2, -1)).abs().square()
+    return torch.fft.fftshift(torch.fft.fft2(wave, norm="ortho"), dim=(-2, -1)).abs()
+
+
+def model_intensity(amplitude: torch.Tensor, phase: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """Noiseless far-field intensities of (B, n, n) patches: :func:`far_field_magnitudes` squared."""
+    return far_field_magnitudes(amplitude, phase, probe).square()
 
 
 def poisson_deviance(

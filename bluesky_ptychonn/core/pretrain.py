@@ -180,7 +180,6 @@ def fit_stream(
 
     bar = _progress(config.steps, progress)
     iterator: Iterator[PhysicsBatch] = iter(batches)
-    step = 0
     for step in range(1, config.steps + 1):
         elapsed = time.perf_counter() - started
         done = max((step - 1) / config.steps, elapsed / config.budget_s if config.budget_s else 0.0)

@@ -36,8 +36,8 @@ def patch_window(n: int, kind: str = "gaussian", *, width_fraction: float = 0.15
 
 
 #: Stitching window width (fraction of the patch): a Gaussian of sigma 0.1 n keeps each prediction's
-#: sharpest centre. On held-out dense scans it gave phase SSIM 0.67 against 0.43 at 0.15, and
-#: better Pearson and FRC at 1x and 2x steps and on the circuit family (about equal at 5x).
+#: sharpest centre. On a held-out dense scan it gave phase SSIM 0.67 against 0.43 at 0.15; phase
+#: Pearson was higher at 1x and 2x steps and on the circuit family, about equal at 5x.
 STITCH_WIDTH = 0.1
 
 #: Trust is defined where the summed probe footprints reach this fraction of one footprint's peak;

@@ -75,11 +75,11 @@ def pretrain(
     # Trust-map calibration on the frames lit by the default (or given) probe.
     predictor = Predictor(model, info, device=device)
     errors = []
+    consistency = ConsistencyModel(source.default_probe, recipe, predictor.device)
     for batch in validation:
         lit = np.flatnonzero(np.all(batch.probes[batch.probe_index] == source.default_probe, axis=(1, 2)))
         if len(lit):
             amplitude, phase = predictor.predict(batch.frames[lit])
-            consistency = ConsistencyModel(source.default_probe, recipe, predictor.device)
             errors.append(consistency.score(amplitude, phase, batch.frames[lit]).error)
     if errors:
         info.metrics["consistency"] = out_of_domain_threshold(np.concatenate(errors))
