@@ -145,3 +145,42 @@ def test_replay_command_takes_many_runs(tiled_server, archive, checkpoint, monke
     missing = str(uuid.uuid4())
     assert main(["replay", missing, *common]) == 2
     assert missing in capsys.readouterr().err
+
+
+class _Slow(Predictor):
+    def predict(self, frames):
+        import time
+
+        time.sleep(0.3)
+        return super().predict(frames)
+
+
+def test_replay_keeps_the_live_result_until_its_own_is_complete_and_uses_the_live_grid(
+    tiled_server, archive, checkpoint
+):
+    """Was: replay deleted the live result at its first write, and used the default grid margin."""
+    import threading
+
+    run_engine, stage, detector = archive
+    client = tiled_server.client
+    callback = PtychoNNCallback.from_checkpoint(
+        checkpoint, client, device="cpu", data_roots=[tiled_server.data_dir], live=FAST, grid_margin_pixels=40
+    )
+    run_engine.subscribe(callback)
+    (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(4, 6), exposure_s=2e-3))
+    assert callback.wait(uid, 60)
+    _, live_md = _result(client, uid)
+    base = Predictor.from_checkpoint(checkpoint, device="cpu")
+    slow = _Slow(base.model, base.info, device="cpu")
+    seen = []
+    replaying = threading.Thread(
+        target=lambda: seen.append(replay_run(tiled_server.raw[uid], slow, client, options=LiveOptions(batch_size=4)))
+    )
+    replaying.start()
+    while replaying.is_alive():  # whenever a reader looks, there is a complete image
+        _, md = _result(client, uid)
+        assert md["status"] == "complete" and md["frames_done"] == 24
+        replaying.join(0.2)
+    _, md = _result(client, uid)
+    assert seen and md["source"] == "replay" and md["grid"] == live_md["grid"]
+    assert md["frames_expected"] == 24 and md["frames_missing"] == 0

@@ -314,3 +314,24 @@ def test_direct_reads_equal_tiled_adapter_reads(scan, tmp_path, frames_shape):
         np.testing.assert_array_equal(direct, through_tiled)
     assert source._files, "the plain single-file case is read directly"
     source.close()
+
+
+def test_stream_datums_before_their_stream_resource_are_kept_until_it_comes(scan, predictor, tmp_path):
+    """Was: a StreamDatum ahead of its StreamResource was dropped and the run ended ``complete`` with 0 frames."""
+    docs = _template_run(scan, tmp_path, tmp_path / "frames")
+    resources = [d for d in docs if d[0] == "stream_resource"]
+    rest = [d for d in docs if d[0] != "stream_resource"]
+    docs = rest[:-1] + resources + rest[-1:]  # every StreamDatum first, the StreamResources just before the stop
+    live = _run(PtychoNNCallback(predictor, None, CallbackConfig(data_roots=[tmp_path], live=FAST)), docs)
+    assert live.metadata["errors"] == []
+    assert live.metadata["status"] == "complete" and live.metadata["frames_done"] == POINTS
+    _assert_offline_equal(live, predictor, scan[0].frames, scan[0].positions_m)
+
+
+def test_a_stream_resource_that_never_comes_fails_the_run_and_says_which(scan, predictor, tmp_path):
+    docs = _template_run(scan, tmp_path, tmp_path / "frames")
+    frames_uid = next(d[1]["uid"] for d in docs if d[0] == "stream_resource" and d[1]["data_key"] == "diffraction")
+    docs = [d for d in docs if not (d[0] == "stream_resource" and d[1]["uid"] == frames_uid)]
+    live = _run(PtychoNNCallback(predictor, None, CallbackConfig(data_roots=[tmp_path], live=FAST)), docs)
+    assert live.metadata["status"] == "failed" and live.metadata["frames_done"] == 0
+    assert any(frames_uid in e and "never came" in e for e in live.metadata["errors"])

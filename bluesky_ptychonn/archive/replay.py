@@ -10,11 +10,13 @@ with the live model reproduces the live ``processed/<uid>/ptychonn``. Runs are s
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .. import schema
+from ..core.geometry import ObjectGrid
 from ..errors import ConfigurationError, RunError
 from ..tiled_paths import PROCESSED, PTYCHONN, stored_probe
 from .runs import check_ptychography, root_of, run_grid_for, scan_from_run, select
@@ -38,9 +40,11 @@ def replay_run(
 ) -> dict[str, Any]:
     """Reconstruct an archived run with ``predictor`` and write ``processed/<uid>/<name>`` in Tiled.
 
-    The frames go through the live pipeline in batches of ``options.batch_size``, on the grid the
-    live callback uses, so the result equals the live one for the same model. Blocks until the
-    final image is written.
+    The frames go through the live pipeline in batches of ``options.batch_size``, on the grid of
+    the live result when there is one (else the grid the live callback's defaults give), so the
+    result equals the live one for the same model. The image is made in memory and written once,
+    complete: an existing result is replaced only then, so a replay that fails half way never
+    leaves a run with less than it had. Blocks until the final image is written.
 
     Parameters
     ----------
@@ -76,10 +80,12 @@ def replay_run(
     recipe = predictor.info.recipe
     if tuple(recipe.frame_shape) != scan.frames.shape[1:]:
         raise RunError(f"run {uid} has frames of shape {scan.frames.shape[1:]}; the model expects {recipe.frame_shape}")
-    grid = run_grid_for(run, recipe.pixel_size_m(scan.geometry), predictor.patch_pixels)
     client = root_of(run) if client is None else client
-    if not replace and PROCESSED in client and name in client[PROCESSED].get(uid, {}):
+    existing = _existing(client, uid, name)
+    if existing is not None and not replace:
         raise RunError(f"run {uid} already has processed/{uid}/{name}; replay with replace=True to overwrite it")
+    pixel_size_m = recipe.pixel_size_m(scan.geometry)
+    grid = _grid([existing, _existing(client, uid, PTYCHONN)], run, pixel_size_m, predictor.patch_pixels)
     start = run.metadata["start"]
     metadata = {
         "raw_uid": uid,
@@ -94,21 +100,39 @@ def replay_run(
     probe, probe_source = schema.probe_for(
         schema.read_section(start), predictor.info.provenance, stored_probe(client, uid)
     )
-    live = LiveReconstruction(predictor, grid, sink, metadata, options, probe=probe, probe_source=probe_source)
+    live = LiveReconstruction(predictor, grid, None, metadata, options, probe=probe, probe_source=probe_source)
     bar = tqdm(total=len(scan.frames), desc=f"replay {uid[:8]}", unit="frame", disable=not progress, leave=False)
     for s in range(0, len(scan.frames), options.batch_size):
         batch = slice(s, s + options.batch_size)
-        live.submit(scan.frame_ids[batch], scan.frames[batch], scan.positions_m[batch])
-    live.finish("complete", raw_exit_status=(run.metadata.get("stop") or {}).get("exit_status"))
+        live.submit(scan.frame_ids[batch], scan.frames[batch], scan.positions_m[batch], wait=True)
+    stop = run.metadata.get("stop") or {}
+    live.finish("complete", raw_exit_status=stop.get("exit_status"), frames_expected=len(scan.frames))
     # The worker sets "finished" once every frame is processed; wait(0.1) doubles as the poll's sleep.
     while not live.wait(0.1) and "finished" not in live.metadata:
         m = live.metadata
         bar.update(m["frames_done"] + m["frames_dropped"] + m["frames_duplicate"] - bar.n)
     bar.update(len(scan.frames) - bar.n)
     bar.close()
-    if not live.wait(timeout_s):
+    if not live.wait(timeout_s) or not live.write_final(sink, timeout_s):  # only now may it replace what is there
         raise RunError(f"run {uid}: the replayed image could not be written to {sink.path} (see the log)")
     return {**live.metadata, "timings": dict(live.timings), "path": sink.path}
+
+
+def _existing(client: Any, uid: str, name: str) -> dict[str, Any] | None:
+    """Metadata of ``processed/<uid>/<name>``, or None when there is none."""
+    if PROCESSED not in client or uid not in client[PROCESSED] or name not in client[PROCESSED][uid]:
+        return None
+    return dict(client[PROCESSED][uid][name].metadata)
+
+
+def _grid(stored: list[dict[str, Any] | None], run: Any, pixel_size_m: float, patch_pixels: int) -> ObjectGrid:
+    """The grid of a stored result of this run at the same pixel size (the live callback's, with its margin),
+    else the grid the callback's defaults give."""
+    for md in stored:
+        grid = (md or {}).get("grid")
+        if grid and math.isclose(grid["pixel_size_m"], pixel_size_m, rel_tol=1e-9):
+            return ObjectGrid.from_metadata(grid)
+    return run_grid_for(run, pixel_size_m, patch_pixels)
 
 
 def replay_runs(

@@ -64,12 +64,24 @@ class LiveOptions(Frozen):
     saturation_counts: float | None = Field(
         None, gt=0, description="Frames with any pixel at or above this are dropped as saturated; None keeps them."
     )
+    max_queued_frames: int = Field(
+        16384,
+        ge=1,
+        description=(
+            "Frames waiting for inference at most (16384 64x64 float32 frames: 256 MiB). Frames beyond it are "
+            "skipped, never blocking the caller, and their ids are listed in the result (replay finishes them)."
+        ),
+    )
+    idle_timeout_s: float = Field(
+        3600.0, gt=0, description="A run with no frames and no stop for this long is finished as 'interrupted'."
+    )
 
 
 _STOP = object()
 
-#: Flagged frame ids kept in the metadata (the count is always complete).
+#: Flagged or skipped frame ids and error messages kept in the metadata (the counts are always complete).
 MAX_FLAGGED_IDS = 100
+MAX_ERRORS = 50
 
 
 def _consistency(predictor: Any, probe: np.ndarray | None, probe_source: str) -> tuple[ConsistencyModel | None, dict]:
@@ -94,6 +106,22 @@ def _consistency(predictor: Any, probe: np.ndarray | None, probe_source: str) ->
         "frames_flagged": 0,
         "flagged_ids": [],
     }
+
+
+def _malformed(ids: np.ndarray, frames: np.ndarray, positions: np.ndarray, frame_shape: tuple) -> str:
+    """What is wrong with one submission ('' if nothing): shapes, dtypes and lengths that must agree."""
+    n = len(ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        return f"frame ids must be integers, got {ids.dtype} of shape {ids.shape}"
+    if frames.ndim not in (2, 3) or frames.shape[-2:] != frame_shape:
+        return f"frames of shape {frames.shape}, the model expects {frame_shape}"
+    if frames.dtype.kind not in "uif":
+        return f"frames of dtype {frames.dtype}, not real numbers"
+    if positions.dtype.kind not in "uif" or positions.reshape(-1).size != 2 * n:
+        return f"positions of dtype {positions.dtype} and shape {positions.shape} for {n} frames"
+    if (frames.shape[0] if frames.ndim == 3 else 1) != n:
+        return f"{n} frame ids for frames of shape {frames.shape}"
+    return ""
 
 
 class LiveReconstruction:
@@ -133,14 +161,19 @@ class LiveReconstruction:
             "frames_done": 0,
             "frames_dropped": 0,
             "frames_duplicate": 0,
+            "frames_skipped": 0,
+            "skipped_ids": [],
             "errors": [],
+            "errors_total": 0,
             "trust": trust,
         }
         self.timings: dict[str, float] = {"inference_s": 0.0, "consistency_s": 0.0, "stitch_s": 0.0, "publish_s": 0.0}
         # (time, frames so far) at each submit and each successful publish, for latency figures.
         self.submit_log: list[tuple[float, int]] = []
         self.publish_log: list[tuple[float, int]] = []
-        self._seen: set[int] = set()
+        self._seen: set[int] = set()  # ids reconstructed
+        self._arrived: set[int] = set()  # ids submitted, whatever became of them
+        self._queued = 0  # frames waiting for the worker
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # guards stitcher and metadata between worker and publisher
         self._dirty = threading.Event()
@@ -154,28 +187,49 @@ class LiveReconstruction:
 
     # -- input ------------------------------------------------------------------------------
 
-    def submit(self, frame_ids: np.ndarray, frames: np.ndarray, positions_m: np.ndarray) -> None:
-        """Queue frames with their ids and positions (y, x) in metres; returns at once."""
+    def submit(self, frame_ids: np.ndarray, frames: np.ndarray, positions_m: np.ndarray, *, wait: bool = False) -> None:
+        """Queue frames with their ids and positions (y, x) in metres.
+
+        Returns at once: frames beyond ``max_queued_frames`` are skipped and listed. With
+        ``wait`` (replay, which has the frames on disk and no scan to hold up) it waits for room.
+        """
         if self._first_frame is None:
             self._first_frame = time.time()
+        ids = np.atleast_1d(np.asarray(frame_ids))
         frames = np.asarray(frames)
-        expected = tuple(self.predictor.info.recipe.frame_shape)
-        if frames.shape[-2:] != expected:  # refuse here: one bad shape must not sink a whole micro-batch
-            self.record_error(
-                f"dropped {len(np.atleast_1d(frame_ids))} frames of shape {frames.shape[-2:]}, "
-                f"the model expects {expected}"
-            )
-            self._count("frames_dropped", len(np.atleast_1d(frame_ids)))
+        positions_m = np.asarray(positions_m)
+        problem = _malformed(ids, frames, positions_m, tuple(self.predictor.info.recipe.frame_shape))
+        if ids.dtype.kind in "iu":
+            with self._lock:
+                self._arrived.update(int(i) for i in ids)
+        if problem:  # refuse here: one bad submission must not sink a whole micro-batch
+            self.record_error(f"dropped {len(ids)} frames: {problem}")
+            self._count("frames_dropped", len(ids))
             return
-        self._queue.put((np.asarray(frame_ids), frames, np.asarray(positions_m, np.float64)))
-        submitted = (self.submit_log[-1][1] if self.submit_log else 0) + len(np.atleast_1d(frame_ids))
+        while wait and self._queued and self._queued + len(ids) > self.options.max_queued_frames:
+            time.sleep(0.01)
+        with self._lock:
+            skip = self._queued + len(ids) > self.options.max_queued_frames
+            if skip:  # never block the RunEngine and never grow without bound: skip, and say exactly which
+                self.metadata["frames_skipped"] += len(ids)
+                room = MAX_FLAGGED_IDS - len(self.metadata["skipped_ids"])
+                self.metadata["skipped_ids"].extend(int(i) for i in ids[:room])
+            else:
+                self._queued += len(ids)
+        if skip:
+            self._dirty.set()
+            return
+        self._queue.put((ids, frames, positions_m.astype(np.float64).reshape(len(ids), 2)))
+        submitted = (self.submit_log[-1][1] if self.submit_log else 0) + len(ids)
         self.submit_log.append((time.time(), submitted))
 
     def record_error(self, message: str) -> None:
         """Keep an error in the result's metadata (and the log)."""
         logger.error("run %s: %s", self.metadata.get("raw_uid"), message)
         with self._lock:
-            self.metadata["errors"].append(message)
+            self.metadata["errors_total"] += 1
+            if len(self.metadata["errors"]) < MAX_ERRORS:  # a bad stream must not grow every publish
+                self.metadata["errors"].append(message)
         self._dirty.set()
 
     def finish(self, status: str = "complete", **extra: Any) -> None:
@@ -187,6 +241,29 @@ class LiveReconstruction:
         self._publisher.join(timeout)
         return self._published_final.is_set()
 
+    def write_final(self, sink: Sink, timeout_s: float | None = None) -> bool:
+        """Write the finished image to ``sink`` at once, retrying with back-off; True if written.
+
+        For a reconstruction made in memory (no sink, as replay does) that must reach Tiled only
+        when complete. Gives up after ``timeout_s`` (default ``final_retry_s``).
+        """
+        if not self._finished.is_set():
+            raise RuntimeError("write_final before the reconstruction finished")
+        self.sink = sink
+        give_up_at = time.monotonic() + (self.options.final_retry_s if timeout_s is None else timeout_s)
+        delay = self.options.retry_s
+        while not self._publish():
+            if time.monotonic() + delay > give_up_at:
+                return False
+            time.sleep(delay)
+            delay = min(30.0, delay * 2)
+        return True
+
+    @property
+    def done(self) -> bool:
+        """True once the final image is written or given up on: the run's threads have ended."""
+        return self._finished.is_set() and not self._publisher.is_alive()
+
     def snapshot(self) -> StitchedImage:
         """The current image."""
         with self._lock:
@@ -195,9 +272,17 @@ class LiveReconstruction:
     # -- worker -----------------------------------------------------------------------------
 
     def _next_batch(self) -> tuple[list, Any]:
-        """Collect up to batch_size frames, waiting at most max_wait_s after the first."""
+        """Collect up to batch_size frames, waiting at most max_wait_s after the first.
+
+        A run silent for ``idle_timeout_s`` (its stop never came) ends as ``interrupted``, so its
+        threads are released and its result does not stay ``running``.
+        """
         items, stop, count = [], None, 0
-        first = self._queue.get()
+        try:
+            first = self._queue.get(timeout=self.options.idle_timeout_s)
+        except queue.Empty:
+            reason = f"no frames and no stop document for {self.options.idle_timeout_s:g} s"
+            return [], (_STOP, "interrupted", {"reason": reason})
         deadline = time.monotonic() + self.options.max_wait_s
         while True:
             if first[0] is _STOP:
@@ -223,20 +308,33 @@ class LiveReconstruction:
                     self.record_error(f"batch of {sum(len(i[0]) for i in items)} frames failed: {err!r}")
                     logger.debug("%s", traceback.format_exc())
             if stop is not None:
-                _, status, extra = stop
-                with self._lock:
-                    self.metadata.update(extra)
-                    self._summarise_trust()
-                    # Gaps in the reconstructed frame ids: frames dropped here or never delivered.
-                    self.metadata["frames_missing"] = max(self._seen) + 1 - len(self._seen) if self._seen else 0
-                    self.metadata["status"] = status
-                    self.metadata["finished"] = time.time()
-                    self.metadata["first_frame"] = self._first_frame
-                self._finished.set()
-                self._dirty.set()
+                self._conclude(*stop[1:])
                 return
 
+    def _conclude(self, status: str, extra: dict[str, Any]) -> None:
+        """Final metadata once every queued frame is done; an image with no frame is never ``complete``."""
+        expected = extra.pop("frames_expected", None)
+        with self._lock:
+            self.metadata.update(extra)
+            self._summarise_trust()
+            # Points of the scan whose frame never reached the analysis (dropped ones are counted apart);
+            # unknown (None) when the documents do not say how many points the scan had.
+            self.metadata["frames_expected"] = expected
+            self.metadata["frames_missing"] = max(0, expected - len(self._arrived)) if expected else None
+            if status == "complete" and self.stitcher.frames == 0:
+                status = "failed"
+                self.metadata["reason"] = (
+                    self.metadata.get("reason") or "the run ended without a single frame that could be reconstructed"
+                )
+            self.metadata["status"] = status
+            self.metadata["finished"] = time.time()
+            self.metadata["first_frame"] = self._first_frame
+        self._finished.set()
+        self._dirty.set()
+
     def _process(self, items: list) -> None:
+        with self._lock:
+            self._queued -= sum(len(i[0]) for i in items)
         ids = np.concatenate([np.atleast_1d(i[0]) for i in items])
         frames = np.concatenate([i[1] if i[1].ndim == 3 else i[1][None] for i in items])
         positions = np.concatenate([np.atleast_2d(i[2]) for i in items])
@@ -312,13 +410,13 @@ class LiveReconstruction:
             )
             self._count("frames_dropped", int(off.sum()))
             keep &= ~off
-        fresh = np.array([int(i) not in self._seen for i in ids])
-        duplicate = keep & ~fresh
+        duplicate = np.zeros(len(ids), bool)
+        for k in np.flatnonzero(keep):  # in order, so a repeat inside this batch counts as well
+            duplicate[k] = int(ids[k]) in self._seen
+            self._seen.add(int(ids[k]))
         if duplicate.any():
             self._count("frames_duplicate", int(duplicate.sum()))
-        keep &= fresh
-        self._seen.update(int(i) for i in ids[keep])
-        return keep
+        return keep & ~duplicate
 
     def _count(self, key: str, n: int) -> None:
         with self._lock:

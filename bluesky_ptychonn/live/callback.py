@@ -89,6 +89,9 @@ class RunReconstructor(DocumentRouter):
         self._datum_frames = DatumFrames(roots, self.roles)
         # Rows that arrived per stream index, until frame, position (and id) are all there.
         self._pending: dict[str, dict[int, Any]] = {"frames": {}, "positions": {}, "ids": {}}
+        # StreamDatums that came before their StreamResource, by its uid: read when it comes.
+        self._early: dict[str, list[Any]] = {}
+        self.stopped = False
 
     def __call__(self, name: str, doc: dict, validate: bool = False) -> tuple[str, dict]:
         """Route one document to its handler; a failure is recorded here, then raised.
@@ -137,6 +140,7 @@ class RunReconstructor(DocumentRouter):
             return
         if self.config.positions_key not in keys:
             self.fail(f"stream {doc.get('name')!r} has frames but no {self.config.positions_key!r} data key")
+            self._record_failure()
             return
         self._descriptors[doc["uid"]] = doc
         self._datum_frames.descriptor(doc)
@@ -203,8 +207,14 @@ class RunReconstructor(DocumentRouter):
         self.active = True
 
     def stream_resource(self, doc: StreamResource) -> None:
-        """Keep a StreamResource of the frames, positions or ids (refused if outside the data roots)."""
-        self._stream_frames.stream_resource(doc)
+        """Keep a StreamResource of the frames, positions or ids (refused if outside the data roots).
+
+        StreamDatums that arrived before it are read now.
+        """
+        early = self._early.pop(doc["uid"], [])
+        self._stream_frames.stream_resource(doc)  # refused: its early StreamDatums go with it
+        for datum in early:
+            self.stream_datum(datum)
 
     def stream_datum(self, doc: StreamDatum) -> None:
         """Read the rows a StreamDatum announces and match them by stream index."""
@@ -217,6 +227,13 @@ class RunReconstructor(DocumentRouter):
         key, rows = read
         role = self.roles[key]
         self._arrive(role, stream_indices(doc), per_point(role, rows))
+
+    def hold_early(self, doc: dict) -> bool:
+        """Keep a StreamDatum whose StreamResource has not come yet (True if kept), to read it when it does."""
+        if doc.get("stream_resource") in self._stream_frames.seen:
+            return False
+        self._early.setdefault(doc["stream_resource"], []).append(doc)
+        return True
 
     def resource(self, doc: Resource) -> None:
         """Keep a legacy Resource for the Filler (refused if its file lies outside the data roots)."""
@@ -255,19 +272,22 @@ class RunReconstructor(DocumentRouter):
 
     def stop(self, doc: RunStop) -> None:
         """Finish the reconstruction with the run's exit status and close the run's files."""
+        self.stopped = True
         try:
             if self.live is None:
                 return
-            status = {"success": "complete", "abort": "aborted", "fail": "failed"}.get(
-                str(doc.get("exit_status")), "failed"
-            )
-            if self.errors and status == "complete" and self.live.metadata["frames_done"] == 0:
-                status = "failed"
+            exit_status = doc.get("exit_status")
+            status = {"success": "complete", "abort": "aborted", "fail": "failed"}.get(str(exit_status), "failed")
+            reason = doc.get("reason") or ("" if exit_status else "the stop document has no exit_status")
+            for resource, datums in self._early.items():
+                self.fail(f"{len(datums)} StreamDatums name StreamResource {resource}, which never came")
+            # The engine decides the status once its queue is drained: an image with no frame is never complete.
             self.live.finish(
                 status,
-                exit_status=doc.get("exit_status"),
-                reason=doc.get("reason", ""),
-                frames_pending=sum(len(v) for v in self._pending.values()),
+                exit_status=exit_status,
+                reason=reason,
+                frames_pending=len(set().union(*self._pending.values())),  # points with a part missing
+                frames_expected=self._expected(doc),
             )
             if self.owner.after_final is not None:
                 # Waiting for the final image here would hold up the RunEngine (or the dispatcher).
@@ -275,6 +295,14 @@ class RunReconstructor(DocumentRouter):
         finally:
             self._stream_frames.close()
             self._datum_frames.close()
+
+    def _expected(self, stop: RunStop) -> int | None:
+        """Points the scan had: the start's ``num_points``, else the stop's event count of the stream."""
+        planned = self.start_doc.get("num_points")
+        if isinstance(planned, int) and planned > 0:
+            return planned
+        counted = (stop.get("num_events") or {}).get(self.config.stream_name)
+        return counted if isinstance(counted, int) and counted > 0 else None
 
     def _after_final(self) -> None:
         """Call the owner's ``after_final`` hook once the final image is written; log, never raise."""
@@ -304,6 +332,10 @@ class RunReconstructor(DocumentRouter):
             else np.array(complete)
         )
         self.live.submit(ids, frames, positions)
+
+
+#: Finished runs a callback remembers (for ``wait`` and inspection); older ones are released.
+KEEP_FINISHED = 4
 
 
 @make_class_safe(logger=logger)
@@ -407,7 +439,17 @@ class PtychoNNCallback:
     def _factory(self, name: str, start: RunStart) -> tuple[list, list]:
         run = RunReconstructor(self, start)
         self.runs[start["uid"]] = run
+        self._release_finished()
         return [run], []
+
+    def _release_finished(self) -> None:
+        """Forget all but the last ``KEEP_FINISHED`` finished runs, so a long-lived consumer stays flat.
+
+        A finished run holds its image and the model it ran with (a hot-swapped one included).
+        """
+        done = [uid for uid, run in self.runs.items() if run.stopped and (run.live is None or run.live.done)]
+        for uid in done[: max(0, len(done) - KEEP_FINISHED)]:
+            del self.runs[uid]
 
     def __call__(self, name: str, doc: dict) -> None:
         """Route one document; a malformed or out-of-order one is recorded and logged, never raised.
@@ -421,13 +463,25 @@ class PtychoNNCallback:
         """
         try:
             with self._lock:
+                run = self._run_of(doc) if name == "stream_datum" else None
+                if run is not None and run.hold_early(doc):  # the router would refuse it: no StreamResource yet
+                    return
                 self._router(name, doc)
         except Exception as err:
-            uid = (doc.get("run_start") or doc.get("uid")) if isinstance(doc, dict) else None
-            run = self.runs.get(uid) if isinstance(uid, str) else None
+            run = self._run_of(doc)
             if run is not None:
                 run.fail(f"could not route a {name!r} document: {err!r}")
             raise
+
+    def _run_of(self, doc: Any) -> RunReconstructor | None:
+        """The run a document belongs to, by its start uid or its descriptor (None if unknown)."""
+        if not isinstance(doc, dict):
+            return None
+        uid = doc.get("run_start") or doc.get("uid")
+        if isinstance(uid, str) and uid in self.runs:
+            return self.runs[uid]
+        descriptor = doc.get("descriptor")
+        return next((r for r in self.runs.values() if descriptor in r._descriptors), None)
 
     def wait(self, uid: str, timeout: float | None = None) -> bool:
         """Block until run ``uid``'s final image is written.

@@ -126,6 +126,7 @@ class StreamFrames:
         self.roots = roots
         self.data_keys = frozenset(data_keys)
         self._resources: dict[str, StreamResource] = {}
+        self.seen: set[str] = set()  # uids of every StreamResource so far, kept or not
         self._by_key: dict[tuple[str, str], ConsolidatorBase] = {}
         self._by_resource: dict[str, ConsolidatorBase] = {}
         self._files: dict[Path, h5py.File] = {}
@@ -145,6 +146,7 @@ class StreamFrames:
         ScanFileError
             If its mimetype is not HDF5.
         """
+        self.seen.add(doc["uid"])
         if doc["data_key"] not in self.data_keys:
             return
         if doc["mimetype"] != HDF5_MIMETYPE:

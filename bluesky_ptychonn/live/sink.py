@@ -35,8 +35,8 @@ class TiledSink:
     name : str
         ``"ptychonn"`` for live and replayed results.
     replace : bool
-        Delete an existing result of the same name first (replay); otherwise it is an error
-        to find one with different arrays.
+        Replace an existing result of the same name (replay): overwritten in place when it has the
+        same grid, so a reader never finds the result without arrays; deleted first otherwise.
     """
 
     def __init__(self, client: Any, raw_uid: str, name: str = PTYCHONN, *, replace: bool = False) -> None:
@@ -57,7 +57,7 @@ class TiledSink:
         if self._node is not None:
             return self._node
         run = run_results(self.client, self.raw_uid)
-        if self.name in run and self.replace:
+        if self.name in run and self.replace and dict(run[self.name].metadata).get("grid") != metadata.get("grid"):
             run[self.name].delete(recursive=True, external_only=False)
         if self.name in run:
             node = run[self.name]
@@ -82,15 +82,16 @@ class TiledSink:
             changed = np.flatnonzero((image.weight != self._sent_weight).any(axis=1))
             first = min(int(changed[0]) if len(changed) else rows, self._rows)
         keys = ARRAYS + (("trust",) if image.trust is not None else ())
-        if self._rows == 0:
-            for key in keys:
+        for key in keys:
+            if self._rows == 0 or key not in node:
                 if key in node:  # left by a publish that failed half way
                     node[key].delete(external_only=False)
                 node.write_array(np.ascontiguousarray(getattr(image, key)[:rows]), key=key, dims=("y", "x"))
-        elif first < rows:
-            for key in keys:
+            elif first < rows:
                 block = np.ascontiguousarray(getattr(image, key)[first:rows])
                 node[key].patch(block, offset=(first, 0), extend=rows > self._rows)
+        if "trust" in node and "trust" not in keys:  # a replaced result's trust map would not match
+            node["trust"].delete(external_only=False)
         self._rows = max(self._rows, rows)
         self._sent_weight = image.weight.copy()
         node.update_metadata(metadata)

@@ -1,0 +1,186 @@
+"""Issue 11's findings on the live path, each reproduced: results that were lost, miscounted or left lying.
+
+The callback runs without Tiled (``client=None``) unless the finding is about what reaches Tiled;
+documents come from event-model's ``compose_*`` helpers, the model is the tiny test checkpoint.
+"""
+
+import threading
+import time
+
+import event_model
+import numpy as np
+import pytest
+from test_callback import _inline_run
+
+from bluesky_ptychonn import schema
+from bluesky_ptychonn.core.config import DetectorGeometry
+from bluesky_ptychonn.core.engine import LiveOptions, LiveReconstruction
+from bluesky_ptychonn.core.inference import Predictor
+from bluesky_ptychonn.live.callback import KEEP_FINISHED, CallbackConfig, PtychoNNCallback
+from bluesky_ptychonn.sim.physics import simulate_scan
+
+FAST = LiveOptions(batch_size=16, max_wait_s=0.05, publish_interval_s=0.1, retry_s=0.1)
+
+
+@pytest.fixture(scope="module")
+def scan():
+    geometry = DetectorGeometry(frame_pixels=32)
+    return simulate_scan(geometry=geometry, scan_shape=(4, 4), probe={"kind": "gaussian", "fwhm_px": 8})
+
+
+@pytest.fixture(scope="module")
+def section(scan):
+    return {
+        "version": schema.VERSION,
+        **DetectorGeometry(frame_pixels=32).model_dump(),
+        "scan": {"shape": [4, 4], "step_m": scan.metadata["scan"]["step_m"], "center_m": [0, 0]},
+    }
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    return Predictor.from_checkpoint(checkpoint, device="cpu")
+
+
+class Slow(Predictor):
+    """A model that takes ``delay`` seconds a micro-batch, as a large model on a busy CPU does."""
+
+    delay = 0.5
+
+    def predict(self, frames):
+        time.sleep(self.delay)
+        return super().predict(frames)
+
+
+def _slow(predictor, delay=0.5):
+    slow = Slow(predictor.model, predictor.info, device="cpu")
+    slow.delay = delay
+    return slow
+
+
+def _feed(callback, docs):
+    for name, doc in docs:
+        callback(name, doc)
+    uid = docs[0][1]["uid"]
+    assert callback.wait(uid, 60)
+    return callback.runs[uid].live.metadata
+
+
+def test_a_good_run_stopped_before_its_first_batch_is_done_is_complete(scan, section, predictor):
+    """Was: an earlier document error plus a stop before the first micro-batch finished gave ``failed``."""
+    callback = PtychoNNCallback(_slow(predictor), None, CallbackConfig(live=FAST))
+    docs = _inline_run(scan.frames, scan.positions_m, section, frame_ids=scan.frame_ids)
+    start, desc, page, stop = docs
+    broken = ("event_page", {"descriptor": desc[1]["uid"], "data": {}})  # malformed: recorded as an error
+    md = _feed(callback, [start, desc, broken, page, stop])
+    assert md["status"] == "complete" and md["frames_done"] == len(scan.frames)
+    assert md["errors_total"] >= 1
+
+
+def test_duplicates_inside_one_micro_batch_are_counted_once(scan, predictor):
+    """Was: a repeated id inside one batch was stitched twice and not counted."""
+    live = LiveReconstruction(predictor, scan.grid, None, {"raw_uid": "dup"}, FAST)
+    ids = np.array([0, 1, 1, 2, 2, 2])
+    live.submit(ids, scan.frames[ids], scan.positions_m[ids])
+    live.finish("complete", frames_expected=3)
+    assert live.wait(30)
+    assert live.metadata["frames_done"] == 3 and live.metadata["frames_duplicate"] == 3
+    assert live.snapshot().frames == 3 and live.metadata["frames_missing"] == 0
+
+
+def test_frames_lost_after_the_highest_id_are_missing_and_pending_counts_points(scan, section, predictor):
+    """Was: frames missing after the highest id were not seen; pending summed frames, positions and ids."""
+    callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST))
+    docs = _inline_run(scan.frames[:10], scan.positions_m[:10], section, num_points=20)
+    # Two more points whose positions came but whose frames never did.
+    docs.insert(3, ("event_page", _positions_only(docs[1][1]["uid"], scan.positions_m[10:12], seq_start=11)))
+    md = _feed(callback, docs)
+    assert md["frames_done"] == 10 and md["frames_expected"] == 20
+    assert md["frames_missing"] == 10  # 2 half-arrived and 8 never announced
+    assert md["frames_pending"] == 2
+
+
+def _positions_only(descriptor_uid, positions, seq_start):
+    n = len(positions)
+    return {
+        "descriptor": descriptor_uid,
+        "uid": [f"p{seq_start + i}" for i in range(n)],
+        "seq_num": list(range(seq_start, seq_start + n)),
+        "time": [0.0] * n,
+        "data": {"positions_m": list(positions)},
+        "timestamps": {"positions_m": [0.0] * n},
+        "filled": {},
+    }
+
+
+def test_a_run_whose_every_frame_is_wrong_is_failed_not_complete(scan, section, predictor):
+    """Was: ``complete`` with 0 frames and no error."""
+    callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST))
+    md = _feed(callback, _inline_run(np.zeros((4, 16, 16)), scan.positions_m[:4], section))
+    assert md["status"] == "failed" and md["frames_done"] == 0 and md["frames_dropped"] == 4
+    assert "without a single frame" in md["reason"]
+
+
+def test_a_stop_without_exit_status_says_so(scan, section, predictor):
+    callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST))
+    docs = _inline_run(scan.frames, scan.positions_m, section)
+    stop = dict(docs[-1][1])
+    del stop["exit_status"]
+    md = _feed(callback, [*docs[:-1], ("stop", stop)])
+    assert md["status"] == "failed" and md["reason"] == "the stop document has no exit_status"
+
+
+def test_a_descriptor_without_positions_leaves_a_failed_result_in_tiled(tiled_server, scan, section, predictor):
+    """Was: no result in Tiled at all, so nobody knew why there was no image."""
+    callback = PtychoNNCallback(predictor, tiled_server.client, CallbackConfig(live=FAST))
+    bundle = event_model.compose_run(metadata={"ptychography": section})
+    desc = bundle.compose_descriptor(
+        name="primary", data_keys={"diffraction": {"source": "test", "dtype": "array", "shape": [32, 32]}}
+    )
+    callback("start", bundle.start_doc)
+    callback("descriptor", desc.descriptor_doc)
+    callback("stop", bundle.compose_stop())
+    md = dict(tiled_server.client["processed"][bundle.start_doc["uid"]]["ptychonn"].metadata)
+    assert md["status"] == "failed" and any("positions_m" in e for e in md["errors"])
+
+
+def test_frames_faster_than_inference_are_bounded_never_block_and_are_listed(scan, predictor):
+    """A bounded queue: the caller never waits for inference; skipped frames are counted and named."""
+    options = FAST.model_copy(update={"max_queued_frames": 4, "batch_size": 2})
+    live = LiveReconstruction(_slow(predictor, 0.3), scan.grid, None, {"raw_uid": "load"}, options)
+    t0 = time.perf_counter()
+    for i in range(len(scan.frames)):
+        live.submit(scan.frame_ids[i : i + 1], scan.frames[i : i + 1], scan.positions_m[i : i + 1])
+    assert time.perf_counter() - t0 < 0.25  # 16 submits against 0.3 s a batch: nothing waited
+    live.finish("complete", frames_expected=len(scan.frames))
+    assert live.wait(30)
+    md = live.metadata
+    assert md["frames_skipped"] > 0 and md["frames_done"] + md["frames_skipped"] == len(scan.frames)
+    assert len(md["skipped_ids"]) == md["frames_skipped"] and md["frames_missing"] == 0
+
+
+def test_a_run_whose_stop_never_comes_is_released_as_interrupted(scan, predictor):
+    options = FAST.model_copy(update={"idle_timeout_s": 0.5})
+    live = LiveReconstruction(predictor, scan.grid, None, {"raw_uid": "silent"}, options)
+    live.submit(scan.frame_ids[:4], scan.frames[:4], scan.positions_m[:4])
+    assert live.wait(10) and live.done
+    assert live.metadata["status"] == "interrupted" and "no stop document" in live.metadata["reason"]
+    assert live.metadata["frames_done"] == 4
+
+
+def test_errors_are_capped_and_counted(scan, predictor):
+    live = LiveReconstruction(predictor, scan.grid, None, {"raw_uid": "noisy"}, FAST)
+    for i in range(200):
+        live.submit(np.array([i]), np.zeros((1, 8, 8)), np.zeros((1, 2)))
+    live.finish("complete")
+    assert live.wait(30)
+    assert live.metadata["errors_total"] == 200 and len(live.metadata["errors"]) == 50
+
+
+def test_many_runs_through_one_callback_are_released(scan, section, predictor):
+    """Was: every run stayed in memory forever, with its image and the model it ran with."""
+    callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST))
+    for _ in range(3 * KEEP_FINISHED):
+        _feed(callback, _inline_run(scan.frames[:4], scan.positions_m[:4], section))
+    assert len(callback.runs) <= KEEP_FINISHED + 1
+    assert threading.active_count() < 20
