@@ -4,6 +4,7 @@ The callback runs without Tiled (``client=None``) unless the finding is about wh
 documents come from event-model's ``compose_*`` helpers, the model is the tiny test checkpoint.
 """
 
+import os
 import threading
 import time
 
@@ -180,7 +181,126 @@ def test_errors_are_capped_and_counted(scan, predictor):
 def test_many_runs_through_one_callback_are_released(scan, section, predictor):
     """Was: every run stayed in memory forever, with its image and the model it ran with."""
     callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST))
-    for _ in range(3 * KEEP_FINISHED):
-        _feed(callback, _inline_run(scan.frames[:4], scan.positions_m[:4], section))
+    rss = []
+    for i in range(50):
+        _feed(callback, _inline_run(scan.frames, scan.positions_m, section))
+        if i in (9, 49):
+            rss.append(_rss_mib())
     assert len(callback.runs) <= KEEP_FINISHED + 1
     assert threading.active_count() < 20
+    assert rss[1] - rss[0] < 32, f"resident memory grew {rss[1] - rss[0]:.0f} MiB over 40 runs"
+
+
+def test_results_left_running_by_a_dead_consumer_are_marked_interrupted_at_start_up(tiled_server):
+    """Was: a SIGKILLed consumer left ``running`` forever; a restarted one now says what happened."""
+    import uuid
+
+    from bluesky_ptychonn.live.service import mark_stale_results
+    from bluesky_ptychonn.live.sink import TiledSink
+
+    client = tiled_server.client
+    stale, fresh = uuid.uuid4().hex, uuid.uuid4().hex
+    TiledSink(client, stale).write_metadata({"status": "running", "updated": time.time() - 3600})
+    TiledSink(client, fresh).write_metadata({"status": "running", "updated": time.time()})
+    marked = mark_stale_results(client)
+    assert stale in marked and fresh not in marked
+    md = dict(client["processed"][stale]["ptychonn"].metadata)
+    assert md["status"] == "interrupted" and f"bluesky-ptychonn replay {stale}" in md["reason"]
+    assert client["processed"][fresh]["ptychonn"].metadata["status"] == "running"
+
+
+def test_interrupt_finishes_open_runs_with_their_partial_image(scan, section, predictor):
+    callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST))
+    docs = _inline_run(scan.frames, scan.positions_m, section)[:-1]  # no stop: the consumer is told to stop
+    for name, doc in docs:
+        callback(name, doc)
+    assert callback.interrupt("stopping", timeout=30) == [docs[0][1]["uid"]]
+    md = callback.runs[docs[0][1]["uid"]].live.metadata
+    assert md["status"] == "interrupted" and md["frames_done"] == len(scan.frames) and md["reason"] == "stopping"
+
+
+def test_a_wrong_api_key_fails_at_start_up_in_one_line(tiled_server, environment_clean):
+    from bluesky_ptychonn.errors import ConfigurationError
+    from bluesky_ptychonn.live.service import TiledSection, tiled_client
+
+    uri = tiled_server.server.uri.split("/api/v1")[0]
+    with pytest.raises(ConfigurationError, match="TILED_API_KEY") as info:
+        tiled_client(TiledSection(uri=uri, api_key="not-the-key"))
+    assert "\n" not in str(info.value) and "not-the-key" not in str(info.value)
+    assert tiled_client(TiledSection(uri=uri, api_key=tiled_server.server.api_key)) is not None
+
+
+class _Refused:
+    """Fault injection: a server that answers 401 to every write, as one with a revoked key does."""
+
+    calls = 0
+
+    def publish(self, image, metadata):
+        import httpx
+
+        self.calls += 1
+        request = httpx.Request("PUT", "http://tiled/api/v1/metadata/processed")
+        raise httpx.HTTPStatusError("401", request=request, response=httpx.Response(401, request=request))
+
+
+def test_a_permanent_refusal_is_not_retried_as_an_outage(scan, predictor):
+    """Was: a read-only key's 401 retried for 10 minutes as if Tiled were down."""
+    sink = _Refused()
+    options = FAST.model_copy(update={"final_retry_s": 600})
+    live = LiveReconstruction(predictor, scan.grid, sink, {"raw_uid": "refused"}, options)
+    live.submit(scan.frame_ids, scan.frames, scan.positions_m)
+    live.finish("complete")
+    t0 = time.monotonic()
+    assert not live.wait(30)
+    assert time.monotonic() - t0 < 5 and sink.calls <= 2
+    assert not live.write_final(sink, timeout_s=600)
+
+
+@pytest.fixture
+def environment_clean(monkeypatch):
+    monkeypatch.delenv("TILED_API_KEY", raising=False)
+    return monkeypatch
+
+
+def _rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident size from /proc")
+def test_a_100000_frame_scan_through_the_callback_loses_nothing_and_memory_stays_flat(scan, section, predictor):
+    """100,000 frames as 200 EventPages: every frame in the image, resident memory flat after warm-up."""
+    total, page = 100_000, 500
+    callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST.model_copy(update={"batch_size": 256})))
+    docs = _inline_run(scan.frames[:1], scan.positions_m[:1], section, num_points=total)
+    start, desc, stop = docs[0], docs[1], docs[-1]
+    callback(*start)
+    callback(*desc)
+    run = callback.runs[start[1]["uid"]]
+    rss = []
+    for s in range(0, total, page):
+        ids = np.arange(s, s + page)
+        k = ids % len(scan.frames)
+        data = {"diffraction": scan.frames[k], "positions_m": scan.positions_m[k], "frame_id": ids}
+        callback(
+            "event_page",
+            {
+                "descriptor": desc[1]["uid"],
+                "uid": [f"e{i}" for i in ids],
+                "seq_num": (ids + 1).tolist(),
+                "time": [0.0] * page,
+                "data": data,
+                "timestamps": {key: [0.0] * page for key in data},
+                "filled": {},
+            },
+        )
+        while run.live._queued > 4 * page:  # a detector at the rate inference keeps up with
+            time.sleep(0.01)
+        if s in (20_000, total - page):
+            rss.append(_rss_mib())
+    callback(*stop)
+    assert callback.wait(start[1]["uid"], 120)
+    md = run.live.metadata
+    assert md["frames_done"] == total and md["frames_skipped"] == 0 and md["frames_missing"] == 0, md
+    assert md["status"] == "complete" and run.live.snapshot().frames == total
+    assert rss[1] - rss[0] < 64, f"resident memory grew {rss[1] - rss[0]:.0f} MiB from 20,000 to 100,000 frames"

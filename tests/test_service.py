@@ -23,6 +23,7 @@ import pytest
 import zmq
 from bluesky import RunEngine
 from bluesky.callbacks.zmq import Publisher
+from test_callback import _inline_run
 from test_wire import Marker
 from tiled_servers import free_port
 from tiny_models import write_tiny_checkpoint
@@ -200,6 +201,25 @@ def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_dev
         assert refined["status"] == "complete" and refined["epochs"] == 3, refined
         assert refined["seed"]["source"] == "ptychonn" and refined["grid"] == md["grid"]
         assert consumer.poll() is None  # still serving
+
+        # Stopped with SIGTERM, as a service manager does, in the middle of a run: the run is
+        # finished as interrupted with the frames it had, before the process exits.
+        open_run = _inline_run(frames, positions, _section(tiled_server.client["raw"][uid]))[:-1]
+        open_uid = open_run[0][1]["uid"]
+        for name, doc in open_run:
+            publisher(name, doc)
+        while time.monotonic() < deadline:
+            try:
+                if client["processed"][open_uid]["ptychonn"].metadata["frames_done"] == len(frames):
+                    break
+            except KeyError:
+                pass
+            time.sleep(0.2)
+        consumer.terminate()
+        assert consumer.wait(60) == 0
+        md = dict(client["processed"][open_uid]["ptychonn"].metadata)
+        assert md["status"] == "interrupted" and md["frames_done"] == len(frames), md
+        assert "stopped before" in md["reason"] and md["updated"] >= md["started"]
     finally:
         if publisher is not None:
             publisher.close()  # else the 0MQ context waits for it at exit
@@ -210,6 +230,11 @@ def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_dev
         consumer.stderr.close()
     assert not marker.exists(), "the consumer unpickled a message"
     assert api_key not in output
+
+
+def _section(run):
+    """The ptychography section of a run's start document, as the archive holds it."""
+    return dict(run.metadata["start"]["ptychography"])
 
 
 def _check_publisher_snippet(run_engine, address):

@@ -24,11 +24,11 @@ def consume(args: argparse.Namespace) -> None:
     With ``[refine] enabled``, each run is also refined with pty-chi once its live image is final.
     The worker is wired here because the live layer may not import the archive layer.
     """
-    from ..live.service import Consumer, build_callback, load_config, tiled_client
+    from ..live.service import Consumer, build_callback, load_config, run_until_signalled, tiled_client
 
     config = load_config(args.config)
     if not config.refine.enabled:
-        Consumer(config).run()
+        run_until_signalled(Consumer(config))
         return
     from ..archive.refine_worker import RefineWorker
 
@@ -36,7 +36,7 @@ def consume(args: argparse.Namespace) -> None:
         tiled_client(config.tiled), options=config.refine.options(), run_timeout_s=config.refine.run_timeout_s
     )
     try:
-        Consumer(config, build_callback(config, after_final=worker.submit)).run()
+        run_until_signalled(Consumer(config, build_callback(config, after_final=worker.submit)))
     finally:
         logger.warning("waiting for the refinement in progress, if any (interrupt again to abandon it)")
         worker.close()

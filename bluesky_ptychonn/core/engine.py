@@ -24,7 +24,6 @@ import logging
 import queue
 import threading
 import time
-import traceback
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -78,6 +77,23 @@ class LiveOptions(Frozen):
 
 
 _STOP = object()
+
+#: HTTP answers that no retry will change, and the fix to name.
+PERMANENT = {
+    401: "the API key is missing or wrong: set TILED_API_KEY to a key of this server",
+    403: "the API key may not write there: use a key with write access (TILED_API_KEY)",
+    404: "the path does not exist on this Tiled server: check the URI",
+}
+
+
+def permanent_error(err: BaseException) -> str | None:
+    """A one-line message naming the fix when ``err`` is an HTTP answer that retrying cannot change, else None."""
+    for e in (err, err.__cause__, err.__context__):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in PERMANENT:
+            return f"Tiled answered {status}: {PERMANENT[status]}"
+    return None
+
 
 #: Flagged or skipped frame ids and error messages kept in the metadata (the counts are always complete).
 MAX_FLAGGED_IDS = 100
@@ -180,6 +196,7 @@ class LiveReconstruction:
         self._finished = threading.Event()
         self._published_final = threading.Event()
         self._first_frame: float | None = None
+        self._permanent: str | None = None  # why publishing can never succeed, if it cannot
         self._worker = threading.Thread(target=self._work, name="ptychonn-inference", daemon=True)
         self._publisher = threading.Thread(target=self._publish_loop, name="ptychonn-publish", daemon=True)
         self._worker.start()
@@ -253,7 +270,7 @@ class LiveReconstruction:
         give_up_at = time.monotonic() + (self.options.final_retry_s if timeout_s is None else timeout_s)
         delay = self.options.retry_s
         while not self._publish():
-            if time.monotonic() + delay > give_up_at:
+            if self._permanent or time.monotonic() + delay > give_up_at:
                 return False
             time.sleep(delay)
             delay = min(30.0, delay * 2)
@@ -306,7 +323,7 @@ class LiveReconstruction:
                     self._process(items)
                 except Exception as err:  # the analysis never takes the scan down
                     self.record_error(f"batch of {sum(len(i[0]) for i in items)} frames failed: {err!r}")
-                    logger.debug("%s", traceback.format_exc())
+                    logger.error("run %s: traceback of the failed batch", self.metadata.get("raw_uid"), exc_info=True)
             if stop is not None:
                 self._conclude(*stop[1:])
                 return
@@ -440,6 +457,9 @@ class LiveReconstruction:
                         return
                 else:
                     self._dirty.set()
+                    if self._permanent:  # a wrong key stays wrong: one clear line, no 10 minutes of retries
+                        logger.error("run %s: %s", self.metadata.get("raw_uid"), self._permanent)
+                        return
                     if give_up_at is not None and time.monotonic() > give_up_at:
                         logger.error("run %s: gave up writing the final image", self.metadata.get("raw_uid"))
                         return
@@ -457,6 +477,7 @@ class LiveReconstruction:
             self._summarise_trust()
             metadata = {
                 **self.metadata,
+                "updated": time.time(),  # readers (and a restarted consumer) tell a live result from a stale one
                 "errors": list(self.metadata["errors"]),
                 "trust": dict(self.metadata["trust"]),
                 "timings": dict(self.timings),
@@ -465,6 +486,7 @@ class LiveReconstruction:
         try:
             self.sink.publish(image, metadata)
         except Exception as err:  # Tiled down, network error: keep the image and retry
+            self._permanent = permanent_error(err)
             logger.warning("run %s: publishing failed (%r); will retry", self.metadata.get("raw_uid"), err)
             return False
         self.timings["publish_s"] += time.perf_counter() - t0

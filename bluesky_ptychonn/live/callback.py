@@ -161,6 +161,7 @@ class RunReconstructor(DocumentRouter):
                 {
                     "raw_uid": self.uid,
                     "status": "failed",
+                    "updated": time.time(),
                     "errors": self.errors,
                     "package_version": __version__,
                     "source": "live",
@@ -482,6 +483,24 @@ class PtychoNNCallback:
             return self.runs[uid]
         descriptor = doc.get("descriptor")
         return next((r for r in self.runs.values() if descriptor in r._descriptors), None)
+
+    def interrupt(self, reason: str, timeout: float = 30.0) -> list[str]:
+        """Finish every run still open as ``interrupted`` with its partial image; return their uids.
+
+        For a consumer that is stopping (SIGTERM, Ctrl-C): the frames already received are
+        reconstructed and written before it exits, so no result is left ``running``. Waits at most
+        ``timeout`` seconds in all for the writes.
+        """
+        with self._lock:
+            open_runs = [r for r in self.runs.values() if r.live is not None and not r.stopped]
+            for run in open_runs:
+                run.stopped = True
+                run.live.finish("interrupted", reason=reason)  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        for run in open_runs:
+            if not run.live.wait(max(0.0, deadline - time.monotonic())):  # type: ignore[union-attr]
+                logger.error("run %s: the interrupted image could not be written before exit", run.uid)
+        return [r.uid for r in open_runs]
 
     def wait(self, uid: str, timeout: float | None = None) -> bool:
         """Block until run ``uid``'s final image is written.

@@ -45,7 +45,7 @@ from pydantic_settings import (
 )
 
 from ..core.config import Frozen
-from ..core.engine import LiveOptions
+from ..core.engine import LiveOptions, permanent_error
 from ..core.iterative import IterativeOptions
 from ..core.refine import REFINE_OPTIONS, RUN_ARRIVAL_TIMEOUT_S
 from ..errors import CheckpointError, ConfigurationError, DocumentDecodeError
@@ -265,7 +265,17 @@ def tiled_client(section: TiledSection | None) -> Any:
 
     if section.api_key is None:
         raise ConfigurationError(f"Tiled writes need an API key: set ${section.api_key_env}")
-    return from_uri(section.uri, api_key=section.api_key.get_secret_value())
+    from .sink import check_write_access
+
+    try:
+        client = from_uri(section.uri, api_key=section.api_key.get_secret_value())
+    except Exception as err:  # a wrong key or URI is refused here, in one line
+        reason = permanent_error(err) or (str(err).strip().splitlines() or [repr(err)])[0]
+        raise ConfigurationError(
+            f"cannot open Tiled at {section.uri} with the key in ${section.api_key_env}: {reason}"
+        ) from err
+    check_write_access(client)
+    return client
 
 
 class ModelWatcher:
@@ -335,8 +345,9 @@ def build_callback(config: ServiceConfig, *, after_final: Callable[[str], None] 
     """
     from ..core.inference import Predictor
 
+    client = tiled_client(config.tiled)  # a wrong key or URI fails here, before the model loads
     predictor = Predictor.from_checkpoint(config.model.checkpoint, device=config.model.device)
-    return PtychoNNCallback(predictor, tiled_client(config.tiled), config.callback_config(), after_final=after_final)
+    return PtychoNNCallback(predictor, client, config.callback_config(), after_final=after_final)
 
 
 def _deserialize_or_report(data: bytes) -> dict[str, Any]:
@@ -404,6 +415,9 @@ class Consumer:
                     logger.error("0MQ message with unknown document name %s dropped; dispatcher restarted", err)
         finally:
             self.watcher.stop()
+            stopped = self.callback.interrupt("the consumer stopped before the run's stop document")
+            if stopped:
+                logger.warning("finished %d open runs as interrupted: %s", len(stopped), ", ".join(stopped))
 
     def stop(self) -> None:
         """End :meth:`run` from any thread (it returns once the dispatcher has closed its socket)."""
@@ -418,4 +432,59 @@ class Consumer:
 
 def consume(config: ServiceConfig) -> None:
     """Subscribe to the 0MQ proxy and reconstruct every ptychography run until interrupted."""
-    Consumer(config).run()
+    run_until_signalled(Consumer(config))
+
+
+def run_until_signalled(consumer: Consumer) -> None:
+    """Run ``consumer`` in this (main) thread; SIGTERM, as a service manager sends, stops it as Ctrl-C does.
+
+    Either way open runs are finished as ``interrupted`` with their partial images before it returns.
+    """
+    import signal
+
+    stale = mark_stale_results(consumer.callback.client)
+    if stale:
+        logger.warning("results left running by an earlier consumer, now marked interrupted: %s", ", ".join(stale))
+    previous = signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
+    try:
+        consumer.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: A ``running`` live result not updated for this long belongs to no live consumer.
+STALE_AFTER_S = 600.0
+
+
+def mark_stale_results(client: Any, stale_after_s: float = STALE_AFTER_S) -> list[str]:
+    """Mark live results left ``running`` by a consumer that died (SIGKILL, power) as ``interrupted``.
+
+    A result is stale when its ``updated`` time (or its ``started`` time, for results written
+    before results carried one) is older than ``stale_after_s``: a consumer alive publishes
+    well within that. Its partial image stays; the reason names the command that finishes it
+    from the archive. Returns the raw uids marked.
+    """
+    import time
+
+    from ..tiled_paths import PROCESSED, PTYCHONN
+
+    if client is None or PROCESSED not in client:
+        return []
+    marked = []
+    now = time.time()
+    for uid, results in client[PROCESSED].items():
+        if PTYCHONN not in results:
+            continue
+        node = results[PTYCHONN]
+        md = dict(node.metadata)
+        if md.get("status") != "running" or now - float(md.get("updated") or md.get("started") or 0) < stale_after_s:
+            continue
+        node.update_metadata(
+            {
+                "status": "interrupted",
+                "updated": now,
+                "reason": f"left running by a consumer that stopped; finish it with: bluesky-ptychonn replay {uid}",
+            }
+        )
+        marked.append(uid)
+    return marked

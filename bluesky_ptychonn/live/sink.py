@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from ..core.engine import permanent_error
 from ..core.metadata import jsonable
 from ..core.stitching import StitchedImage
+from ..errors import ConfigurationError
 from ..tiled_paths import PTYCHONN, processed_path, run_results
 
 logger = logging.getLogger(__name__)
@@ -100,3 +102,17 @@ class TiledSink:
         """Metadata only: a result that never got an image (it failed), or one whose image is yet to come."""
         metadata = jsonable(metadata)
         self._container(metadata).update_metadata(metadata)
+
+
+def check_write_access(client: Any) -> None:
+    """Create and delete a scratch container under ``processed``: a key that cannot write fails here, at start-up.
+
+    Raises :class:`~bluesky_ptychonn.errors.ConfigurationError` with one line naming the fix,
+    before any model is loaded or frame read, instead of at the end of a scan.
+    """
+    import uuid
+
+    try:
+        run_results(client, f"write-check-{uuid.uuid4().hex}").delete(recursive=True, external_only=False)
+    except Exception as err:
+        raise ConfigurationError(permanent_error(err) or f"cannot write to Tiled: {err!r}") from err
