@@ -11,6 +11,7 @@ import time
 import event_model
 import numpy as np
 import pytest
+import torch
 from test_callback import _inline_run
 
 from bluesky_ptychonn import schema
@@ -304,3 +305,27 @@ def test_a_100000_frame_scan_through_the_callback_loses_nothing_and_memory_stays
     assert md["frames_done"] == total and md["frames_skipped"] == 0 and md["frames_missing"] == 0, md
     assert md["status"] == "complete" and run.live.snapshot().frames == total
     assert rss[1] - rss[0] < 64, f"resident memory grew {rss[1] - rss[0]:.0f} MiB from 20,000 to 100,000 frames"
+
+
+class _TightMemory(torch.nn.Module):
+    """Fault injection: a device that runs out of memory above ``limit`` frames per batch, as a shared GPU does."""
+
+    def __init__(self, model, limit):
+        super().__init__()
+        self.model, self.limit = model, limit
+
+    def forward(self, x):
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError(f"injected: {len(x)} frames do not fit")
+        return self.model(x)
+
+
+def test_out_of_memory_on_the_device_retries_in_smaller_batches(scan, predictor):
+    tight = Predictor(_TightMemory(predictor.model, 3), predictor.info, device="cpu", batch_size=16)
+    amplitude, phase = tight.predict(scan.frames)
+    expected = predictor.predict(scan.frames)
+    np.testing.assert_allclose(amplitude, expected[0], atol=1e-5)
+    np.testing.assert_allclose(phase, expected[1], atol=1e-5)
+    assert tight.batch_size == 2
+    with pytest.raises(torch.OutOfMemoryError):  # one frame does not fit on the CPU: nowhere left to go
+        Predictor(_TightMemory(predictor.model, 0), predictor.info, device="cpu").predict(scan.frames[:1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from .checkpoint import CheckpointInfo, load_model
 from .device import choose_device
 from .network import PtychoNN
 from .preprocess import preprocess
+
+logger = logging.getLogger(__name__)
 
 
 class Predictor:
@@ -64,11 +67,37 @@ class Predictor:
         n = self.patch_pixels
         amplitude = np.empty((len(x), n, n), np.float32)
         phase = np.empty((len(x), n, n), np.float32)
-        for start in range(0, len(x), self.batch_size):
-            chunk = torch.from_numpy(x[start : start + self.batch_size]).unsqueeze(1).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-                amp, ph = self.model(chunk)
+        start = 0
+        while start < len(x):
+            chunk = torch.from_numpy(x[start : start + self.batch_size]).unsqueeze(1)
+            try:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+                    amp, ph = self.model(chunk.to(self.device))
+            except torch.OutOfMemoryError:
+                self._shrink()
+                continue  # the same frames again, in a smaller batch or on the CPU
             stop = start + len(chunk)
             amplitude[start:stop] = amp.float().squeeze(1).cpu().numpy()
             phase[start:stop] = ph.float().squeeze(1).cpu().numpy()
+            start = stop
         return amplitude, phase
+
+    def _shrink(self) -> None:
+        """Out of device memory (another process took it, a larger model): halve the batch, then fall back to the CPU.
+
+        The change sticks for later batches and is logged once per step; on the CPU an
+        out-of-memory error at batch 1 is raised.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch_size > 1:
+            self.batch_size //= 2
+            logger.warning("out of memory on %s: inference batch now %d frames", self.device, self.batch_size)
+            return
+        if self.device.type == "cpu":
+            raise torch.OutOfMemoryError("out of memory on the CPU with one frame per batch")
+        logger.warning("out of memory on %s with one frame per batch: inference moves to the CPU", self.device)
+        self.device = torch.device("cpu")
+        self.model = self.model.to(self.device)
+        self._autocast = False
+        self.batch_size = 16
