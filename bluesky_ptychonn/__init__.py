@@ -16,6 +16,7 @@ from .errors import (
     PtychoNNError,
     RunError,
     ScanFileError,
+    TiledKeyError,
 )
 
 __version__ = "0.1.0"
@@ -29,5 +30,6 @@ __all__ = [
     "PtychoNNError",
     "RunError",
     "ScanFileError",
+    "TiledKeyError",
     "__version__",
 ]

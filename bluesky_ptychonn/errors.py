@@ -35,6 +35,10 @@ class DataPathError(PtychoNNError, PermissionError):
     """A document names a file outside the configured data roots."""
 
 
+class TiledKeyError(PtychoNNError, ValueError):
+    """A name (a run uid, a sample id, a result name) is not one Tiled key: empty, ``..``, with a ``/``."""
+
+
 class RunError(PtychoNNError, LookupError):
     """An archived run is missing, not a ptychography run, or lacks what is needed."""
 

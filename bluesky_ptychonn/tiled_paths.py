@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RunError
+from .errors import RunError, TiledKeyError
 
 #: Container of raw runs.
 RAW = "raw"
@@ -36,14 +36,44 @@ ITERATIVE = "iterative"
 REFINED = "refined"
 
 
+#: Characters a key may hold besides letters and digits: what uuids, hashes and sample ids use.
+KEY_PUNCTUATION = "-_."
+
+
+def tiled_key(name: object, what: str = "key") -> str:
+    """``name``, checked to be exactly one Tiled key; raises :class:`TiledKeyError` otherwise.
+
+    Run uids come from documents, and Tiled's client splits a key on ``/`` (``client["a/b"]`` is
+    ``client["a"]["b"]``) and puts it in a URL unescaped: a uid ``../models/x`` or ``x?y`` would
+    read or write somewhere else. So a key is letters, digits and ``-_.``, and not ``.`` or ``..``.
+
+    Parameters
+    ----------
+    name : str
+        The candidate key.
+    what : str
+        What it is, for the message (``"run uid"``, ``"sample id"``).
+    """
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or not all(c.isalnum() or c in KEY_PUNCTUATION for c in name)
+    ):
+        raise TiledKeyError(
+            f"{what} {name!r} cannot be a Tiled key: expected letters, digits and {KEY_PUNCTUATION!r}, "
+            "not empty, '.' or '..'"
+        )
+    return name
+
+
 def processed_path(raw_uid: str, name: str) -> str:
-    """``processed/<raw_uid>/<name>``."""
-    return f"{PROCESSED}/{raw_uid}/{name}"
+    """``processed/<raw_uid>/<name>``; raises :class:`TiledKeyError` unless both are single keys."""
+    return f"{PROCESSED}/{tiled_key(raw_uid, 'run uid')}/{tiled_key(name, 'result name')}"
 
 
 def truth_path(sample_id: str) -> str:
-    """``simulation_truth/<sample_id>``."""
-    return f"{SIMULATION_TRUTH}/{sample_id}"
+    """``simulation_truth/<sample_id>``; raises :class:`TiledKeyError` unless the id is a single key."""
+    return f"{SIMULATION_TRUTH}/{tiled_key(sample_id, 'sample id')}"
 
 
 def child_container(
@@ -53,7 +83,9 @@ def child_container(
 
     Another writer may create the same key between the check and the creation (two consumers,
     replay beside live); the server then refuses ours and the existing node is returned.
+    Raises :class:`TiledKeyError` unless ``key`` is a single key (see :func:`tiled_key`).
     """
+    tiled_key(key)
     if key not in parent:
         try:
             parent.create_container(key, metadata=metadata or {}, specs=specs or [])

@@ -1,17 +1,18 @@
 """Fly-scan a simulated sample with a Bluesky RunEngine and archive the raw run in Tiled.
 
 By default an embedded Tiled server runs in this process (catalog and files under --directory);
-with --uri and --api-key the run goes to a running server instead (for example one started with
-``bluesky-ptychonn serve``), whose readable storage must include --data-dir. Prints the Tiled
-URI of the run and its uid.
+with --uri the run goes to a running server instead (for example one started with
+``bluesky-ptychonn serve``), whose readable storage must include --data-dir; its API key comes
+from ``$TILED_API_KEY``, never the command line. Prints the Tiled URI of the run and its uid.
 
     python examples/simulated_fly_scan.py --rows 16 --cols 16
-    python examples/simulated_fly_scan.py --uri http://127.0.0.1:8000/api/v1 --api-key KEY --data-dir /data/det
+    TILED_API_KEY=... python examples/simulated_fly_scan.py --uri http://127.0.0.1:8000/api/v1 --data-dir /data/det
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         help="embedded server's catalog and storage (and default detector data)",
     )
     parser.add_argument("--uri", default=None, help="Tiled server to write to instead of an embedded one")
-    parser.add_argument("--api-key", default=None, help="API key of --uri")
     parser.add_argument("--data-dir", type=Path, default=None, help="detector HDF5 folder (server-readable)")
     parser.add_argument("--rows", type=int, default=16, help="scan lines")
     parser.add_argument("--cols", type=int, default=16, help="points per line")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.uri:
         if args.data_dir is None:
             parser.error("--uri needs --data-dir, a folder the server can read")
-        client, _ = connect(args.uri, api_key=args.api_key)
+        client, _ = connect(args.uri, api_key=os.environ.get("TILED_API_KEY"))
         data_dir = args.data_dir
     else:
         data_dir = args.data_dir or args.directory / "detector"

@@ -169,8 +169,6 @@ def test_example_script_archives_a_run(tiled_server, tmp_path):
             str(ROOT / "examples" / "simulated_fly_scan.py"),
             "--uri",
             uri,
-            "--api-key",
-            api_key,
             "--data-dir",
             str(data_dir),
             "--rows",
@@ -186,6 +184,7 @@ def test_example_script_archives_a_run(tiled_server, tmp_path):
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, "TILED_API_KEY": api_key},  # the key travels in the environment only
     )
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)

@@ -329,3 +329,17 @@ def test_out_of_memory_on_the_device_retries_in_smaller_batches(scan, predictor)
     assert tight.batch_size == 2
     with pytest.raises(torch.OutOfMemoryError):  # one frame does not fit on the CPU: nowhere left to go
         Predictor(_TightMemory(predictor.model, 0), predictor.info, device="cpu").predict(scan.frames[:1])
+
+
+def test_a_run_uid_that_is_not_one_tiled_key_is_refused_at_its_start(tiled_server, scan, section, predictor):
+    callback = PtychoNNCallback(predictor, tiled_server.client, CallbackConfig(live=FAST))
+    docs = _inline_run(scan.frames, scan.positions_m, section)
+    hostile = "../raw/hostile-run"
+    docs[0][1]["uid"] = hostile
+    for _, doc in docs[1:]:
+        doc["run_start"] = hostile
+    for name, doc in docs:
+        callback(name, doc)
+    run = callback.runs[hostile]
+    assert run.live is None and any("cannot be a Tiled key" in e for e in run.errors)
+    assert "hostile-run" not in list(tiled_server.client["raw"])

@@ -5,10 +5,10 @@ folder as readable storage. :class:`FacilityServer` runs ``tiled serve catalog``
 process (SQLite catalog by default, a PostgreSQL URI accepted), with writable file and tabular
 storage, the detector data folders as readable storage, bound to the loopback interface unless
 told otherwise, and a required API key. The key travels to the child in
-``TILED_SINGLE_USER_API_KEY`` (never on its command line, where ``ps`` would show it), and the
+``TILED_SINGLE_USER_API_KEY`` (never on its command line, where ``ps`` would show it), the
 child's output is passed on with the key masked (tiled prints it when it comes from the
-environment). Either way the ``raw`` container (``CatalogOfBlueskyRuns`` 3.0) is created if
-missing, and :func:`subscribe_archive` has a RunEngine archive every run into it.
+environment), and no repr shows it. Either way the ``raw`` container (``CatalogOfBlueskyRuns``
+3.0) is created if missing, and :func:`subscribe_archive` has a RunEngine archive every run into it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import ConfigurationError
 from ..sim.sample import SampleRegistry
@@ -52,6 +52,10 @@ class EmbeddedArchive(NamedTuple):
     def close(self) -> None:
         """Stop the server (its directory stays when one was given)."""
         self.server.close()
+
+    def __repr__(self) -> str:
+        # Not the tuple's repr: the server's repr is its URI, which carries the API key.
+        return f"EmbeddedArchive(uri={self.server.uri.split('?')[0]!r}, data_dir={str(self.data_dir)!r})"
 
 
 def start_embedded_server(
@@ -105,19 +109,47 @@ def ensure_raw_catalog(client: Container) -> Container:
 
 
 def subscribe_archive(
-    run_engine: RunEngine, client: Container, *, registry: SampleRegistry | None = None, batch_size: int = 1
+    run_engine: RunEngine,
+    client: Container,
+    *,
+    registry: SampleRegistry | None = None,
+    batch_size: int = 1,
+    backup_directory: str | Path | None = None,
 ) -> list[int]:
     """Archive every run the RunEngine makes: ``TiledWriter`` into ``raw``, plus simulation truths.
 
     ``batch_size=1`` registers frames with Tiled at every flush, so a run can be watched while it
-    goes. Both callbacks raise on a Tiled failure, which aborts the run: a run that cannot be
-    archived is not silently lost. Returns the subscription tokens.
+    goes. Without ``backup_directory`` both callbacks raise on a Tiled failure, which aborts the
+    run: a run that cannot be archived is not silently lost. With it (what a beamline wants), a
+    run whose writes fail is kept whole in that folder as JSON Lines and the scan goes on;
+    :func:`~bluesky_ptychonn.archive.backup.restore_backups` writes it into Tiled afterwards.
+    Returns the subscription tokens.
     """
     from bluesky_tiled_plugins import TiledWriter
 
     raw = ensure_raw_catalog(client)
     truth = SimulationTruthWriter(client, registry=registry)
-    return [run_engine.subscribe(truth, "start"), run_engine.subscribe(TiledWriter(raw, batch_size=batch_size))]
+    backup = None if backup_directory is None else str(backup_directory)
+    writer = TiledWriter(raw, batch_size=batch_size, backup_directory=backup)
+    return [run_engine.subscribe(truth, "start"), run_engine.subscribe(writer)]
+
+
+def subscribe_all(
+    run_engine: RunEngine,
+    client: Container,
+    analysis: Any,
+    *,
+    backup_directory: str | Path,
+    registry: SampleRegistry | None = None,
+) -> list[int]:
+    """Subscribe the live analysis and the archive in the order that survives a Tiled outage.
+
+    The analysis first: the RunEngine calls callbacks in subscription order, so whatever the
+    archive does, the analysis has each document, the stop included, and finishes its result.
+    The archive keeps a backup instead of aborting the scan (see :func:`subscribe_archive`).
+    """
+    token = run_engine.subscribe(analysis)
+    return [token, *subscribe_archive(run_engine, client, registry=registry, backup_directory=backup_directory)]
 
 
 @dataclass
@@ -143,7 +175,7 @@ class FacilityServer:
     """
 
     directory: Path
-    api_key: str
+    api_key: str = field(repr=False)
     readable: list[Path] = field(default_factory=list)
     catalog: str | None = None
     tables: str | None = None
@@ -155,8 +187,8 @@ class FacilityServer:
     def __post_init__(self) -> None:
         if not self.api_key or not self.api_key.isalnum() or len(self.api_key) < 16:
             raise ConfigurationError(
-                f"an API key of at least 16 letters and digits is required for writes "
-                f"(pass --api-key or set {API_KEY_ENV}); e.g. python -c 'import secrets; print(secrets.token_hex(32))'"
+                "an API key of at least 16 letters and digits is required for writes; "
+                "e.g. python -c 'import secrets; print(secrets.token_hex(32))'"
             )
         self.directory = Path(self.directory).resolve()
         self.readable = [Path(p).resolve() for p in self.readable]

@@ -17,10 +17,10 @@ import numpy as np
 
 from .. import schema
 from ..core.geometry import ObjectGrid
-from ..errors import ConfigurationError, RunError
+from ..errors import ConfigurationError, RunError, TiledKeyError
 from ..sim.physics import TRUTH_NOTE, object_from_maps
 from ..sim.sample import SampleRegistry, SimulatedSample, default_registry
-from ..tiled_paths import SIMULATION_TRUTH, child_container, truth_path
+from ..tiled_paths import SIMULATION_TRUTH, child_container, tiled_key, truth_path
 
 if TYPE_CHECKING:
     from tiled.client.container import Container
@@ -88,7 +88,8 @@ def read_simulation_truth(run: Any, client: Container | None = None) -> tuple[np
     Raises
     ------
     RunError
-        The run is not a simulated ptychography run, or its truth is not in Tiled.
+        The run is not a simulated ptychography run, its truth is not in Tiled, or its start
+        document points anywhere but ``simulation_truth/<its sample id>``.
     """
     from tiled.client import from_context
 
@@ -97,11 +98,22 @@ def read_simulation_truth(run: Any, client: Container | None = None) -> tuple[np
     truth = section.get("simulation_truth")
     if not truth:
         raise RunError(f"run {start.get('uid')} is not simulated: it has no simulation truth")
+    # The path comes from a document: follow it only where truths are kept, or a run could have
+    # any node on the server (another run's result, a model) read back as its "truth".
+    try:
+        path = truth_path(tiled_key((truth.get("sample") or {}).get("sample_id"), "sample id"))
+    except TiledKeyError as err:
+        raise RunError(f"run {start.get('uid')}: bad simulation truth sample: {err}") from err
+    if truth.get("tiled_path") != path:
+        raise RunError(
+            f"run {start.get('uid')}: the start document puts the simulation truth at {truth.get('tiled_path')!r}; "
+            f"only {path!r} may be read"
+        )
     root = client if client is not None else from_context(run.context)
     try:
-        node = root[truth["tiled_path"]]
+        node = root[path]
     except KeyError as err:
-        raise RunError(f"run {start.get('uid')}: no simulation truth at {truth['tiled_path']} in Tiled") from err
+        raise RunError(f"run {start.get('uid')}: no simulation truth at {path} in Tiled") from err
     whole = ObjectGrid.from_metadata(node.metadata["grid"])
     region = ObjectGrid.from_metadata(section["region_grid"])
     offset = np.rint((np.asarray(region.origin_m) - whole.origin_m) / whole.pixel_size_m).astype(int)

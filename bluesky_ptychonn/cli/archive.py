@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
+from ..archive.servers import API_KEY_ENV as SERVER_KEY_ENV
 from ..archive.training import FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE
 from ..core.base_model import DEFAULT_BASE
 from ..core.engine import LiveOptions
@@ -16,6 +18,7 @@ from ..core.refine import REFINE_OPTIONS
 from ..errors import ConfigurationError
 from ..tiled_paths import ITERATIVE, PTYCHONN, processed_path
 from .options import (
+    API_KEY_ENV,
     add_field,
     add_network_options,
     add_selection_arguments,
@@ -27,8 +30,6 @@ from .options import (
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``serve``, ``replay``, ``iterative``, ``refine``, ``train-runs`` and ``fine-tune``."""
-    from ..archive.servers import API_KEY_ENV
-
     p = sub.add_parser("serve", help="run a persistent Tiled server with the 'raw' catalog of Bluesky runs")
     p.add_argument("directory", type=Path, help="folder for the catalog, array data and tables")
     p.add_argument(
@@ -41,7 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--catalog", default=None, help="catalog database URI (default: SQLite in DIRECTORY)")
     p.add_argument("--tables", default=None, help="tabular storage URI (default: DuckDB in DIRECTORY)")
-    p.add_argument("--api-key", default=None, help=f"API key for writes (default: ${API_KEY_ENV})")
+    p.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help=f"file holding the API key for writes (default: ${API_KEY_ENV}, else ${SERVER_KEY_ENV}); "
+        "never on the command line, where ps shows it",
+    )
+    # Kept only to refuse it by name, without echoing the value (argparse would print an unknown
+    # option's value, and would take --api-key as an abbreviation of --api-key-file).
+    p.add_argument("--api-key", nargs="?", const="", default=None, help=argparse.SUPPRESS)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--public", action="store_true", help="allow anonymous reads (writes still need the key)")
@@ -154,12 +164,20 @@ def _add_run_training(p: argparse.ArgumentParser, labels_required: bool = True) 
 
 
 def serve(args: argparse.Namespace) -> dict:
-    """``serve``: run the facility Tiled server until it exits or is interrupted; returns a summary."""
-    from ..archive.servers import API_KEY_ENV, FacilityServer
+    """``serve``: run the facility Tiled server until it exits or is stopped; returns a summary.
 
+    SIGTERM (``kill``, a service manager) stops it as Ctrl-C does: the ``tiled`` child is
+    terminated with it, never left behind holding the port.
+    """
+    from ..archive.servers import FacilityServer
+
+    if args.api_key is not None:
+        raise ConfigurationError(
+            f"--api-key is refused: ps shows a command line to every user; set ${API_KEY_ENV} or use --api-key-file"
+        )
     server = FacilityServer(
         directory=args.directory,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV, ""),
+        api_key=_serve_api_key(args.api_key_file),
         readable=list(args.detector_data),
         catalog=args.catalog,
         tables=args.tables,
@@ -167,14 +185,33 @@ def serve(args: argparse.Namespace) -> dict:
         port=args.port,
         public=args.public,
     )
-    process = server.start()
-    print(f"bluesky-ptychonn serve: Tiled at {server.uri} with catalog 'raw'; Ctrl-C stops it", flush=True)
-    code: int | None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
-        code = process.wait()
+        process = server.start()
+        print(f"bluesky-ptychonn serve: Tiled at {server.uri} with catalog 'raw'; Ctrl-C stops it", flush=True)
+        process.wait()
     except KeyboardInterrupt:
-        code = server.stop()
+        pass
+    finally:
+        code = server.stop()  # also when the start failed or was interrupted half way
+        signal.signal(signal.SIGTERM, previous)
     return {"uri": server.uri, "directory": str(server.directory), "exit_code": code}
+
+
+def _serve_api_key(path: Path | None) -> str:
+    """The server's API key: from ``path``, else ``$TILED_API_KEY``, else tiled's ``$TILED_SINGLE_USER_API_KEY``."""
+    if path is not None:
+        try:
+            return path.read_text().strip()
+        except OSError as err:
+            raise ConfigurationError(f"cannot read the API key file {path}: {err.strerror}") from err
+    key = os.environ.get(API_KEY_ENV) or os.environ.get(SERVER_KEY_ENV)
+    if not key:
+        raise ConfigurationError(
+            f"serve needs an API key for writes: set ${API_KEY_ENV} or pass --api-key-file "
+            "(never on the command line, where ps shows it)"
+        )
+    return key
 
 
 def replay(args: argparse.Namespace) -> list[dict]:

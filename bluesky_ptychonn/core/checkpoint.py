@@ -78,8 +78,12 @@ def content_hash(network: NetworkConfig, recipe: PreprocessRecipe, tensors: dict
 
 
 def save_checkpoint(path: str | Path, model: PtychoNN, info: CheckpointInfo) -> CheckpointInfo:
-    """Write ``model``'s weights and ``info`` to ``path`` atomically; returns ``info`` with version and hash set."""
-    from safetensors.torch import save_file
+    """Write ``model``'s weights and ``info`` to ``path`` atomically; returns ``info`` with version and hash set.
+
+    The file gets the permissions of any new file (``0o666`` less the umask), so a consumer running
+    under another account can read it; safetensors' own ``save_file`` makes it ``0o600``.
+    """
+    from safetensors.torch import save
 
     from .. import __version__
 
@@ -90,7 +94,11 @@ def save_checkpoint(path: str | Path, model: PtychoNN, info: CheckpointInfo) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target, then rename: a consumer watching the path never reads half a file.
     partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial), metadata={_KEY: json.dumps(info.as_metadata())})
+    partial.unlink(missing_ok=True)  # a leftover of an interrupted save would keep its own mode
+    with open(partial, "wb") as f:
+        f.write(save(tensors, metadata={_KEY: json.dumps(info.as_metadata())}))
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
     os.replace(partial, path)
     return info
 
@@ -119,6 +127,13 @@ def read_info(path: str | Path) -> tuple[CheckpointInfo, dict[str, torch.Tensor]
         doc = json.loads(header[_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: metadata is not valid JSON: {err}") from err
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: metadata is JSON of type {type(doc).__name__}, expected an object")
+    # Edited metadata must fail here, with the file named, not later as a TypeError in the consumer.
+    for key, kind in (("provenance", dict), ("metrics", dict), ("package_version", str), ("content_hash", str)):
+        if not isinstance(doc.get(key, kind()), kind):
+            found = type(doc[key]).__name__
+            raise CheckpointError(f"{path}: metadata {key!r} has type {found}, expected {kind.__name__}")
     if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: format {doc.get('format')!r} version {doc.get('format_version')!r}, "

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import Field
 
-from ..errors import ConfigurationError, PositionError
+from ..errors import ConfigurationError, PositionError, PtychoNNError
 from .config import Frozen
 from .consistency import STATISTIC, ConsistencyModel, FrameConsistency
 from .geometry import ObjectGrid
@@ -87,7 +87,12 @@ PERMANENT = {
 
 
 def permanent_error(err: BaseException) -> str | None:
-    """A one-line message naming the fix when ``err`` is an HTTP answer that retrying cannot change, else None."""
+    """A one-line message naming the fix when ``err`` is one that retrying cannot change, else None.
+
+    That is an HTTP 401, 403 or 404, or one of this package's own errors (a bad key, a bad path).
+    """
+    if isinstance(err, PtychoNNError):
+        return str(err)
     for e in (err, err.__cause__, err.__context__):
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in PERMANENT:

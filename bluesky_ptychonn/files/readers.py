@@ -2,7 +2,9 @@
 
 A document names a file (a StreamResource ``uri`` or a Resource ``root``/``resource_path``); a
 scan's documents are untrusted input, so every path is resolved (symlinks included) and must
-lie under one of the roots the deployment configured.
+lie under one of the roots the deployment configured. So must every file that HDF5 itself opens
+when the file is read: the targets of external links, the sources of virtual datasets and
+external raw storage.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ class DataRoots:
         self.roots = [Path(r).resolve() for r in roots]
 
     def resolve(self, location: str) -> Path:
-        """The resolved path of a ``file://`` URI or a plain path, if it lies inside a root.
+        """The resolved path of a ``file://`` URI or a plain path, if it and what it reads lie inside a root.
+
+        Every reader calls this just before it opens a file, so an HDF5 file that exists is
+        checked here (see :meth:`_check_hdf5`) as well as its path.
 
         Parameters
         ----------
@@ -41,12 +46,13 @@ class DataRoots:
         Returns
         -------
         Path
-            The resolved path; nothing is opened.
+            The resolved path; an existing HDF5 file has been opened to be checked, and closed.
 
         Raises
         ------
         DataPathError
-            If the location is remote, not a file URI, or outside every root.
+            If the location is remote, not a file URI, or outside every root, or if it is an
+            HDF5 file that would read another file outside every root.
         """
         parsed = urlparse(location)
         if parsed.scheme not in ("", "file"):
@@ -54,9 +60,70 @@ class DataRoots:
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise DataPathError(f"only files on localhost can be read, got host {parsed.netloc!r} in {location!r}")
         path = Path(unquote(parsed.path) if parsed.scheme else location).resolve()
-        if not any(path.is_relative_to(root) for root in self.roots):
+        if not self._inside(path):
             raise DataPathError(f"{path} is outside the configured data roots {[str(r) for r in self.roots]}")
+        self._check_hdf5(path, {path})
         return path
+
+    def _check_hdf5(self, path: Path, seen: set[Path]) -> None:
+        """Refuse an HDF5 file that makes HDF5 open a file outside the roots, or one not there to check.
+
+        HDF5 follows external links, virtual dataset sources and external raw storage by itself
+        when a dataset is read, so a file inside a root could otherwise read any file on the host.
+        A name is looked for where HDF5 looks (as written, beside the file, in the working
+        directory; prefixes set in the environment are the deployment's own): at least one place
+        must exist, and every one that exists must lie inside a root. Linked HDF5 files are checked
+        in turn. The whole file is checked, not only the dataset a document names.
+
+        A file that is missing, not HDF5, or held by a writer without SWMR is not checked: its
+        reader cannot open it either, and resolves it again (and so checks it) before it retries.
+
+        Raises :class:`DataPathError` naming the dataset and the file it would read; ``seen``
+        holds the files already checked (a link may lead back).
+        """
+        try:
+            f = open_hdf5(path)
+        except (OSError, ScanFileError):
+            return
+        with f:
+            reads = _files_read_by(f)
+        for what, name in reads:
+            written = Path(name)
+            tail = Path(written.name) if written.is_absolute() else written
+            places = ([written] if written.is_absolute() else []) + [path.parent / tail, Path.cwd() / tail]
+            found = [place.resolve() for place in places if place.exists()]
+            if not found:
+                raise DataPathError(f"{path}: {what} reads {name!r}, which does not exist (so cannot be checked)")
+            for target in found:
+                if not self._inside(target):
+                    roots = [str(r) for r in self.roots]
+                    raise DataPathError(f"{path}: {what} reads {target}, outside the configured data roots {roots}")
+                if target not in seen:
+                    seen.add(target)
+                    self._check_hdf5(target, seen)
+
+    def _inside(self, path: Path) -> bool:
+        return any(path.is_relative_to(root) for root in self.roots)
+
+
+def _files_read_by(f: h5py.File) -> list[tuple[str, str]]:
+    """(what, file name as written) for every other file that reading ``f`` may open."""
+    found: list[tuple[str, str]] = []
+
+    def visit(name: str, link: object) -> None:
+        # Links are visited without being followed: nothing outside ``f`` is opened here.
+        if isinstance(link, h5py.ExternalLink):
+            found.append((f"external link /{name}", link.filename))
+            return
+        obj = f.get(name) if isinstance(link, h5py.HardLink) else None
+        if isinstance(obj, h5py.Dataset):
+            if obj.is_virtual:
+                sources = {s.file_name for s in obj.virtual_sources()} - {"."}  # "." is this file
+                found.extend((f"virtual dataset /{name}", source) for source in sorted(sources))
+            found.extend((f"external storage of /{name}", entry[0]) for entry in obj.external or ())
+
+    f.visititems_links(visit)
+    return found
 
 
 class AreaDetectorHDF5Handler:

@@ -44,7 +44,7 @@ from .. import __version__, schema
 from ..core.engine import LiveReconstruction
 from ..errors import RunError
 from ..files.readers import DataRoots
-from ..tiled_paths import stored_probe
+from ..tiled_paths import stored_probe, tiled_key
 from .config import CallbackConfig
 from .frames import DatumFrames, StreamFrames, per_point, stream_indices
 
@@ -171,6 +171,7 @@ class RunReconstructor(DocumentRouter):
             logger.error("run %s: could not record the failure in Tiled: %r", self.uid, err)
 
     def _begin(self) -> None:
+        tiled_key(self.uid, "run uid")  # a uid that is not one Tiled key would write elsewhere: refuse it now
         predictor = self.owner.predictor
         section = schema.read_section(self.start_doc)
         geometry = schema.geometry(section)

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from ..core.config import DetectorGeometry, Frozen, validated
 from ..core.geometry import GRID_MARGIN_PIXELS, ObjectGrid, check_positions
 from ..errors import ConfigurationError, PositionError
+from ..tiled_paths import tiled_key
 from .physics import make_probe, random_features_object, scan_positions
 
 #: The generator behind :meth:`SimulatedSample.object`, recorded with every truth.
@@ -42,7 +43,7 @@ class SimulatedSample:
     Attributes
     ----------
     sample_id : str
-        Name used in run metadata and Tiled paths (letters, digits, ``-``, ``_`` and ``.``).
+        Name used in run metadata and Tiled paths: one Tiled key (letters, digits, ``-``, ``_`` and ``.``).
     seed : int
         Seed of :func:`~bluesky_ptychonn.sim.physics.random_features_object`.
     shape_px : (int, int)
@@ -57,10 +58,7 @@ class SimulatedSample:
     pixel_size_m: float
 
     def __post_init__(self) -> None:
-        if not self.sample_id or not all(c.isalnum() or c in "-_." for c in self.sample_id):
-            raise ConfigurationError(
-                f"sample id must be non-empty letters, digits, '-', '_' or '.', got {self.sample_id!r}"
-            )
+        tiled_key(self.sample_id, "sample id")  # it names the sample's truth in Tiled
         if len(self.shape_px) != 2 or min(self.shape_px) < 8:
             raise ConfigurationError(f"sample shape must be two integers >= 8 pixels, got {self.shape_px!r}")
         if not (np.isfinite(self.pixel_size_m) and self.pixel_size_m > 0):
