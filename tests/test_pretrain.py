@@ -143,6 +143,19 @@ def test_pretrain_command_writes_a_checkpoint_with_its_provenance(tmp_path, caps
     assert info.provenance["command"].startswith("bluesky-ptychonn") and info.provenance["family"]["seed"] == 3
     assert info.recipe.normalize == "total" and info.metrics["consistency"]["threshold"] > 0
 
+    # A probe taken from a scan file (a beamline's own) lights the scenes instead of the zone plate.
+    scan_file = tmp_path / "scan.h5"
+    assert main(["simulate", str(scan_file), "--rows", "2", "--cols", "2", "--probe", "gaussian"]) == 0
+    capsys.readouterr()
+    args = ["pretrain", "--out", str(out), "--steps", "1", "--device", "cpu", "--probe-from", str(scan_file)]
+    assert main(args) == 0
+    info, _ = read_info(out)
+    assert info.provenance["probe"] == {"kind": "given"}
+    small = tmp_path / "small.h5"
+    assert main(["simulate", str(small), "--rows", "2", "--cols", "2", "--frame-pixels", "32"]) == 0
+    assert main([*args[:-1], str(small)]) != 0
+    assert "no (64, 64) probe" in capsys.readouterr().err
+
 
 def test_shipped_base_model_loads_verifies_its_hash_and_predicts(tmp_path, monkeypatch):
     path = base_model_path(DEFAULT_BASE)

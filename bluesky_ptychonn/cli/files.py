@@ -50,6 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated stream and the weights")
     for name in ("steps", "learning_rate", "physics_weight", "overlap_weight", "loss_window"):
         add_field(p, "--" + name.replace("_", "-"), StreamConfig, name)
+    p.add_argument(
+        "--probe-from",
+        type=Path,
+        default=None,
+        help="scan file whose probe (a beamline's measured or reconstructed one) lights most scenes "
+        "instead of the default zone plate",
+    )
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:n]' (default: auto)")
     p.set_defaults(func=pretrain)
 
@@ -69,6 +76,8 @@ def pretrain(args: argparse.Namespace) -> dict:
     import sys
 
     from ..core.config import NetworkConfig
+    from ..errors import ConfigurationError
+    from ..files.scanfile import read_scan
     from ..sim.family import FamilyConfig
     from ..sim.pretraining import pretrain
 
@@ -77,10 +86,19 @@ def pretrain(args: argparse.Namespace) -> dict:
         seed=args.seed,
         **{k: getattr(args, k) for k in ("steps", "learning_rate", "physics_weight", "overlap_weight", "loss_window")},
     )
+    family = FamilyConfig(seed=args.seed)
+    probe = None
+    if args.probe_from is not None:
+        probe = read_scan(args.probe_from).probe
+        n = family.geometry.frame_pixels
+        if probe is None or probe.shape != (n, n):
+            shape = None if probe is None else probe.shape
+            raise ConfigurationError(f"{args.probe_from} holds no ({n}, {n}) probe for this geometry (found {shape})")
     _, info = pretrain(
-        FamilyConfig(seed=args.seed),
+        family,
         NetworkConfig.preset(args.network).model_copy(update={"batch_norm": True}),
         config,
+        probe=probe,
         out=args.out,
         device=args.device,
         command="bluesky-ptychonn " + shlex.join(sys.argv[1:]),
