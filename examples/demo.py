@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     archive = start_embedded_server(out / "data", directory=out / "tiled")
     try:
         run_engine = RunEngine({})
-        subscribe_archive(run_engine, archive.client)
+        subscribe_archive(run_engine, archive.client, backup_directory=out / "backup")  # an outage never aborts a scan
         sample = default_registry().get("sim-features-0")
         stage = SimStage(name="stage")
         detector = PtychoDetector(name="ptycho", stage=stage, data_dir=archive.data_dir, sample=sample.sample_id)

@@ -26,12 +26,13 @@ from bluesky_ptychonn.live.callback import PtychoNNCallback
 FAST = LiveOptions(batch_size=16, max_wait_s=0.05, publish_interval_s=0.1, retry_s=0.1)
 
 
-def test_tiled_restarted_mid_scan_loses_nothing(make_devices, tmp_path, checkpoint, monkeypatch):
+def test_tiled_restarted_mid_scan_loses_nothing(tiled_server, make_devices, tmp_path, checkpoint, monkeypatch):
     from bluesky import RunEngine
 
     # The client's own retries (45 s by default) would only slow the test; the policy is the same.
     monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 2.0)
-    port, key, data = free_port(), "secret", tmp_path / "data"
+    # Tiled's server settings are process-wide: a second server in this process shares the key.
+    port, key, data = free_port(), tiled_server.server.api_key, tmp_path / "data"
     server = SimpleTiledServer(directory=tmp_path / "tiled", port=port, api_key=key, readable_storage=[data])
     client = from_uri(server.uri)
     callback = PtychoNNCallback.from_checkpoint(checkpoint, client, device="cpu", data_roots=[data], live=FAST)

@@ -182,13 +182,13 @@ def test_errors_are_capped_and_counted(scan, predictor):
 def test_many_runs_through_one_callback_are_released(scan, section, predictor):
     """Was: every run stayed in memory forever, with its image and the model it ran with."""
     callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST))
-    rss = []
+    rss, threads = [], threading.active_count()
     for i in range(50):
         _feed(callback, _inline_run(scan.frames, scan.positions_m, section))
         if i in (9, 49):
             rss.append(_rss_mib())
     assert len(callback.runs) <= KEEP_FINISHED + 1
-    assert threading.active_count() < 20
+    assert threading.active_count() <= threads + 2  # each finished run's worker and publisher have ended
     assert rss[1] - rss[0] < 32, f"resident memory grew {rss[1] - rss[0]:.0f} MiB over 40 runs"
 
 
@@ -272,7 +272,8 @@ def _rss_mib():
 def test_a_100000_frame_scan_through_the_callback_loses_nothing_and_memory_stays_flat(scan, section, predictor):
     """100,000 frames as 200 EventPages: every frame in the image, resident memory flat after warm-up."""
     total, page = 100_000, 500
-    callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST.model_copy(update={"batch_size": 256})))
+    fast = Predictor(predictor.model, predictor.info, device="cpu", batch_size=256)  # fewer, larger forwards
+    callback = PtychoNNCallback(fast, None, CallbackConfig(live=FAST.model_copy(update={"batch_size": 256})))
     docs = _inline_run(scan.frames[:1], scan.positions_m[:1], section, num_points=total)
     start, desc, stop = docs[0], docs[1], docs[-1]
     callback(*start)
