@@ -196,7 +196,7 @@ def test_results_left_running_by_a_dead_consumer_are_marked_interrupted_at_start
     """Was: a SIGKILLed consumer left ``running`` forever; a restarted one now says what happened."""
     import uuid
 
-    from bluesky_ptychonn.live.service import mark_stale_results
+    from bluesky_ptychonn.live.lifecycle import mark_stale_results
     from bluesky_ptychonn.live.sink import TiledSink
 
     client = tiled_server.client

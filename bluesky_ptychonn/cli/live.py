@@ -24,7 +24,8 @@ def consume(args: argparse.Namespace) -> None:
     With ``[refine] enabled``, each run is also refined with pty-chi once its live image is final.
     The worker is wired here because the live layer may not import the archive layer.
     """
-    from ..live.service import Consumer, build_callback, load_config, run_until_signalled, tiled_client
+    from ..live.lifecycle import run_until_signalled
+    from ..live.service import Consumer, build_callback, load_config, tiled_client
 
     config = load_config(args.config)
     if not config.refine.enabled:

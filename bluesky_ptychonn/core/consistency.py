@@ -33,6 +33,7 @@ from .preprocess import orientation_only, preprocess
 from .stitching import PatchStitcher
 
 __all__ = [
+    "live_trust",
     "STATISTIC",
     "ConsistencyModel",
     "FrameConsistency",
@@ -221,3 +222,27 @@ def object_consistency(
     trust = stitcher.snapshot().trust
     assert trust is not None  # the stitcher keeps a trust map: it was given a trust window
     return trust, scores
+
+
+def live_trust(predictor: Any, probe: np.ndarray | None, probe_source: str) -> tuple[ConsistencyModel | None, dict]:
+    """A live run's forward model (or None, and why) and the trust section of its result's metadata."""
+    if probe is None:
+        return None, {"available": False, "reason": probe_source or "no probe, so the preview cannot be checked"}
+    try:
+        model = ConsistencyModel(probe, predictor.info.recipe, predictor.device)
+    except ConfigurationError as err:
+        return None, {"available": False, "reason": str(err), "probe_source": probe_source}
+    calibration = predictor.info.metrics.get("consistency") or {}
+    threshold = calibration.get("threshold")
+    return model, {
+        "available": True,
+        "statistic": STATISTIC,
+        "meaning": "normalised error of the preview's Fourier magnitudes against the frames; 0 is perfect",
+        "probe_source": probe_source,
+        "threshold": threshold,
+        "threshold_rule": calibration.get("rule")
+        if threshold is not None
+        else "none: the checkpoint records no validation consistency, so no frame is flagged",
+        "frames_flagged": 0,
+        "flagged_ids": [],
+    }

@@ -29,11 +29,12 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import Field
 
-from ..errors import ConfigurationError, PositionError, PtychoNNError
+from ..errors import PositionError
 from .config import Frozen
-from .consistency import STATISTIC, ConsistencyModel, FrameConsistency
+from .consistency import FrameConsistency, live_trust
+from .faults import permanent_error
 from .geometry import ObjectGrid
-from .preprocess import bad_frames
+from .preprocess import bad_frames, malformed_submission
 from .stitching import STITCH_WIDTH, PatchStitcher, StitchedImage, patch_window
 
 logger = logging.getLogger(__name__)
@@ -78,71 +79,9 @@ class LiveOptions(Frozen):
 
 _STOP = object()
 
-#: HTTP answers that no retry will change, and the fix to name.
-PERMANENT = {
-    401: "the API key is missing or wrong: set TILED_API_KEY to a key of this server",
-    403: "the API key may not write there: use a key with write access (TILED_API_KEY)",
-    404: "the path does not exist on this Tiled server: check the URI",
-}
-
-
-def permanent_error(err: BaseException) -> str | None:
-    """A one-line message naming the fix when ``err`` is one that retrying cannot change, else None.
-
-    That is an HTTP 401, 403 or 404, or one of this package's own errors (a bad key, a bad path).
-    """
-    if isinstance(err, PtychoNNError):
-        return str(err)
-    for e in (err, err.__cause__, err.__context__):
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status in PERMANENT:
-            return f"Tiled answered {status}: {PERMANENT[status]}"
-    return None
-
-
 #: Flagged or skipped frame ids and error messages kept in the metadata (the counts are always complete).
 MAX_FLAGGED_IDS = 100
 MAX_ERRORS = 50
-
-
-def _consistency(predictor: Any, probe: np.ndarray | None, probe_source: str) -> tuple[ConsistencyModel | None, dict]:
-    """The run's forward model (or None) and the trust section of the result's metadata."""
-    if probe is None:
-        return None, {"available": False, "reason": probe_source or "no probe, so the preview cannot be checked"}
-    try:
-        model = ConsistencyModel(probe, predictor.info.recipe, predictor.device)
-    except ConfigurationError as err:
-        return None, {"available": False, "reason": str(err), "probe_source": probe_source}
-    calibration = predictor.info.metrics.get("consistency") or {}
-    threshold = calibration.get("threshold")
-    return model, {
-        "available": True,
-        "statistic": STATISTIC,
-        "meaning": "normalised error of the preview's Fourier magnitudes against the frames; 0 is perfect",
-        "probe_source": probe_source,
-        "threshold": threshold,
-        "threshold_rule": calibration.get("rule")
-        if threshold is not None
-        else "none: the checkpoint records no validation consistency, so no frame is flagged",
-        "frames_flagged": 0,
-        "flagged_ids": [],
-    }
-
-
-def _malformed(ids: np.ndarray, frames: np.ndarray, positions: np.ndarray, frame_shape: tuple) -> str:
-    """What is wrong with one submission ('' if nothing): shapes, dtypes and lengths that must agree."""
-    n = len(ids)
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        return f"frame ids must be integers, got {ids.dtype} of shape {ids.shape}"
-    if frames.ndim not in (2, 3) or frames.shape[-2:] != frame_shape:
-        return f"frames of shape {frames.shape}, the model expects {frame_shape}"
-    if frames.dtype.kind not in "uif":
-        return f"frames of dtype {frames.dtype}, not real numbers"
-    if positions.dtype.kind not in "uif" or positions.reshape(-1).size != 2 * n:
-        return f"positions of dtype {positions.dtype} and shape {positions.shape} for {n} frames"
-    if (frames.shape[0] if frames.ndim == 3 else 1) != n:
-        return f"{n} frame ids for frames of shape {frames.shape}"
-    return ""
 
 
 class LiveReconstruction:
@@ -162,7 +101,7 @@ class LiveReconstruction:
         self.predictor = predictor
         self.options = options or LiveOptions()
         n = predictor.patch_pixels
-        self.consistency, trust = _consistency(predictor, probe, probe_source)
+        self.consistency, trust = live_trust(predictor, probe, probe_source)
         footprint = self.consistency.footprint if self.consistency else None
         self.stitcher = PatchStitcher(
             grid,
@@ -220,7 +159,7 @@ class LiveReconstruction:
         ids = np.atleast_1d(np.asarray(frame_ids))
         frames = np.asarray(frames)
         positions_m = np.asarray(positions_m)
-        problem = _malformed(ids, frames, positions_m, tuple(self.predictor.info.recipe.frame_shape))
+        problem = malformed_submission(ids, frames, positions_m, tuple(self.predictor.info.recipe.frame_shape))
         if ids.dtype.kind in "iu":
             with self._lock:
                 self._arrived.update(int(i) for i in ids)

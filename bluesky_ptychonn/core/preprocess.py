@@ -96,3 +96,19 @@ def fitted_scale(frames: np.ndarray, recipe: PreprocessRecipe) -> float:
     x = preprocess(frames, recipe.model_copy(update={"scale": 1.0}))
     mean = float(x.mean())
     return 0.1 / mean if mean > 0 else 1.0
+
+
+def malformed_submission(ids: np.ndarray, frames: np.ndarray, positions: np.ndarray, frame_shape: tuple) -> str:
+    """What is wrong with frames submitted with their ids and positions ('' if nothing): shapes, dtypes, lengths."""
+    n = len(ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        return f"frame ids must be integers, got {ids.dtype} of shape {ids.shape}"
+    if frames.ndim not in (2, 3) or frames.shape[-2:] != frame_shape:
+        return f"frames of shape {frames.shape}, the model expects {frame_shape}"
+    if frames.dtype.kind not in "uif":
+        return f"frames of dtype {frames.dtype}, not real numbers"
+    if positions.dtype.kind not in "uif" or positions.reshape(-1).size != 2 * n:
+        return f"positions of dtype {positions.dtype} and shape {positions.shape} for {n} frames"
+    if (frames.shape[0] if frames.ndim == 3 else 1) != n:
+        return f"{n} frame ids for frames of shape {frames.shape}"
+    return ""

@@ -45,7 +45,8 @@ from pydantic_settings import (
 )
 
 from ..core.config import Frozen
-from ..core.engine import LiveOptions, permanent_error
+from ..core.engine import LiveOptions
+from ..core.faults import permanent_error
 from ..core.iterative import IterativeOptions
 from ..core.refine import REFINE_OPTIONS, RUN_ARRIVAL_TIMEOUT_S
 from ..errors import CheckpointError, ConfigurationError, DocumentDecodeError
@@ -428,63 +429,3 @@ class Consumer:
                 loop.call_soon_threadsafe(_cancel_tasks, loop)
             except RuntimeError:  # the loop is already closed: run() is ending anyway
                 pass
-
-
-def consume(config: ServiceConfig) -> None:
-    """Subscribe to the 0MQ proxy and reconstruct every ptychography run until interrupted."""
-    run_until_signalled(Consumer(config))
-
-
-def run_until_signalled(consumer: Consumer) -> None:
-    """Run ``consumer`` in this (main) thread; SIGTERM, as a service manager sends, stops it as Ctrl-C does.
-
-    Either way open runs are finished as ``interrupted`` with their partial images before it returns.
-    """
-    import signal
-
-    stale = mark_stale_results(consumer.callback.client)
-    if stale:
-        logger.warning("results left running by an earlier consumer, now marked interrupted: %s", ", ".join(stale))
-    previous = signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
-    try:
-        consumer.run()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-#: A ``running`` live result not updated for this long belongs to no live consumer.
-STALE_AFTER_S = 600.0
-
-
-def mark_stale_results(client: Any, stale_after_s: float = STALE_AFTER_S) -> list[str]:
-    """Mark live results left ``running`` by a consumer that died (SIGKILL, power) as ``interrupted``.
-
-    A result is stale when its ``updated`` time (or its ``started`` time, for results written
-    before results carried one) is older than ``stale_after_s``: a consumer alive publishes
-    well within that. Its partial image stays; the reason names the command that finishes it
-    from the archive. Returns the raw uids marked.
-    """
-    import time
-
-    from ..tiled_paths import PROCESSED, PTYCHONN
-
-    if client is None or PROCESSED not in client:
-        return []
-    marked = []
-    now = time.time()
-    for uid, results in client[PROCESSED].items():
-        if PTYCHONN not in results:
-            continue
-        node = results[PTYCHONN]
-        md = dict(node.metadata)
-        if md.get("status") != "running" or now - float(md.get("updated") or md.get("started") or 0) < stale_after_s:
-            continue
-        node.update_metadata(
-            {
-                "status": "interrupted",
-                "updated": now,
-                "reason": f"left running by a consumer that stopped; finish it with: bluesky-ptychonn replay {uid}",
-            }
-        )
-        marked.append(uid)
-    return marked

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.engine import permanent_error
+from ..core.faults import permanent_error
 from ..core.metadata import jsonable
 from ..core.stitching import StitchedImage
 from ..errors import ConfigurationError

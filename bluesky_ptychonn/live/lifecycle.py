@@ -1,0 +1,64 @@
+"""A consumer's start and end: results a dead consumer left ``running``, and stopping on a signal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..tiled_paths import PROCESSED, PTYCHONN
+
+if TYPE_CHECKING:
+    from .service import Consumer
+
+logger = logging.getLogger(__name__)
+
+
+def run_until_signalled(consumer: Consumer) -> None:
+    """Run ``consumer`` in this (main) thread; SIGTERM, as a service manager sends, stops it as Ctrl-C does.
+
+    Either way open runs are finished as ``interrupted`` with their partial images before it returns.
+    """
+    stale = mark_stale_results(consumer.callback.client)
+    if stale:
+        logger.warning("results left running by an earlier consumer, now marked interrupted: %s", ", ".join(stale))
+    previous = signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
+    try:
+        consumer.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: A ``running`` live result not updated for this long belongs to no live consumer.
+STALE_AFTER_S = 600.0
+
+
+def mark_stale_results(client: Any, stale_after_s: float = STALE_AFTER_S) -> list[str]:
+    """Mark live results left ``running`` by a consumer that died (SIGKILL, power) as ``interrupted``.
+
+    A result is stale when its ``updated`` time (or its ``started`` time, for results written
+    before results carried one) is older than ``stale_after_s``: a consumer alive publishes
+    well within that. Its partial image stays; the reason names the command that finishes it
+    from the archive. Returns the raw uids marked.
+    """
+    if client is None or PROCESSED not in client:
+        return []
+    marked = []
+    now = time.time()
+    for uid, results in client[PROCESSED].items():
+        if PTYCHONN not in results:
+            continue
+        node = results[PTYCHONN]
+        md = dict(node.metadata)
+        if md.get("status") != "running" or now - float(md.get("updated") or md.get("started") or 0) < stale_after_s:
+            continue
+        node.update_metadata(
+            {
+                "status": "interrupted",
+                "updated": now,
+                "reason": f"left running by a consumer that stopped; finish it with: bluesky-ptychonn replay {uid}",
+            }
+        )
+        marked.append(uid)
+    return marked
