@@ -30,8 +30,11 @@ from tiny_models import write_tiny_checkpoint
 
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
 from bluesky_ptychonn.archive.servers import subscribe_archive
+from bluesky_ptychonn.core.checkpoint import CheckpointInfo, save_checkpoint
+from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe
 from bluesky_ptychonn.core.geometry import ObjectGrid
 from bluesky_ptychonn.core.inference import Predictor
+from bluesky_ptychonn.core.network import PtychoNN
 from bluesky_ptychonn.core.reconstruct import reconstruct
 from bluesky_ptychonn.errors import ConfigurationError
 from bluesky_ptychonn.live.service import Consumer, ModelWatcher, build_callback, load_config
@@ -312,6 +315,13 @@ def test_new_model_is_picked_up_without_a_restart(tmp_path, environment):
     os.utime(checkpoint, (time.time() + 10, time.time() + 10))
     assert watcher.check()
     assert callback.predictor.info.content_hash == second.content_hash != first.content_hash
+    # A model for another frame size would fail every run to come: refused, the running one kept.
+    net = NetworkConfig(input_pixels=64, base_channels=4, depth=2)
+    other = CheckpointInfo(net, PreprocessRecipe(frame_shape=(64, 64)))
+    save_checkpoint(tmp_path / "next.safetensors", PtychoNN(net).eval(), other)
+    os.replace(tmp_path / "next.safetensors", checkpoint)
+    os.utime(checkpoint, (time.time() + 15, time.time() + 15))
+    assert not watcher.check() and callback.predictor.info.content_hash == second.content_hash
 
 
 def _in_memory_config(tmp_path, checkpoint="model.safetensors"):

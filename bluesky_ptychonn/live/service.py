@@ -325,6 +325,18 @@ class ModelWatcher:
             return False
         if predictor.info.content_hash == self.callback.predictor.info.content_hash:
             return False
+        old, new = self.callback.predictor.info, predictor.info
+        if (old.recipe.frame_shape, old.network.input_pixels) != (new.recipe.frame_shape, new.network.input_pixels):
+            logger.error(
+                "new checkpoint refused, keeping model %s: it takes %s frames and predicts %d-pixel patches, the "
+                "running one %s and %d (a new geometry needs a restart)",
+                old.content_hash[:12],
+                new.recipe.frame_shape,
+                new.network.input_pixels,
+                old.recipe.frame_shape,
+                old.network.input_pixels,
+            )
+            return False
         self.callback.set_predictor(predictor)
         logger.warning("model reloaded: %s", predictor.info.content_hash[:12])
         return True
