@@ -246,6 +246,7 @@ def test_a_model_that_does_not_fit_the_run_leaves_a_failed_result(tiled_server, 
     run_engine.subscribe(callback)
     stage, detector = make_devices(tiled_server.data_dir / tmp_path.name)  # 32-pixel frames
     (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(3, 4), exposure_s=2e-3))
+    assert callback.flush(30)
     md = dict(tiled_server.client["processed"][uid]["ptychonn"].metadata)
     assert md["status"] == "failed" and any("expects (64, 64)" in e for e in md["errors"])
 

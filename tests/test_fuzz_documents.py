@@ -185,5 +185,6 @@ def test_any_document_stream_ends_in_a_defined_state(world, data):
         stream = first["docs"]
     for name, doc in stream:
         callback(name, doc)  # never raises: a RunEngine would abort the scan
+    assert callback.flush(30)
     for run in [first, second] if two else [first]:
         _check(callback, run)

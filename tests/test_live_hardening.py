@@ -142,6 +142,7 @@ def test_a_descriptor_without_positions_leaves_a_failed_result_in_tiled(tiled_se
     callback("start", bundle.start_doc)
     callback("descriptor", desc.descriptor_doc)
     callback("stop", bundle.compose_stop())
+    assert callback.flush(30)
     md = dict(tiled_server.client["processed"][bundle.start_doc["uid"]]["ptychonn"].metadata)
     assert md["status"] == "failed" and any("positions_m" in e for e in md["errors"])
 
@@ -278,6 +279,7 @@ def test_a_100000_frame_scan_through_the_callback_loses_nothing_and_memory_stays
     start, desc, stop = docs[0], docs[1], docs[-1]
     callback(*start)
     callback(*desc)
+    assert callback.flush(30)
     run = callback.runs[start[1]["uid"]]
     rss = []
     for s in range(0, total, page):
@@ -296,7 +298,7 @@ def test_a_100000_frame_scan_through_the_callback_loses_nothing_and_memory_stays
                 "filled": {},
             },
         )
-        while run.live._queued > 4 * page:  # a detector at the rate inference keeps up with
+        while callback._queued > 1 or run.live._queued > 4 * page:  # a detector at the rate inference keeps up with
             time.sleep(0.01)
         if s in (20_000, total - page):
             rss.append(_rss_mib())
@@ -341,6 +343,233 @@ def test_a_run_uid_that_is_not_one_tiled_key_is_refused_at_its_start(tiled_serve
         doc["run_start"] = hostile
     for name, doc in docs:
         callback(name, doc)
+    assert callback.flush(30)
     run = callback.runs[hostile]
     assert run.live is None and any("cannot be a Tiled key" in e for e in run.errors)
     assert "hostile-run" not in list(tiled_server.client["raw"])
+
+
+def test_a_consumer_started_mid_run_marks_that_run_interrupted_with_the_fix(tiled_server, scan, section, predictor):
+    """Was: a consumer restarted mid-scan silently ignored every run whose start document it missed."""
+    callback = PtychoNNCallback(predictor, tiled_server.client, CallbackConfig(live=FAST))
+    docs = _inline_run(scan.frames, scan.positions_m, section)
+    for name, doc in docs[1:]:  # the start went to the consumer that died
+        callback(name, doc)
+    assert callback.flush(30)
+    uid = docs[0][1]["uid"]
+    md = dict(tiled_server.client["processed"][uid]["ptychonn"].metadata)
+    assert md["status"] == "interrupted" and f"bluesky-ptychonn replay {uid}" in md["reason"]
+    assert uid not in callback.runs
+
+
+def test_file_reads_and_tiled_writes_stay_off_the_runengine_thread(
+    tiled_server, make_devices, predictor, tmp_path, monkeypatch
+):
+    """Was: HDF5 reads and failure writes ran in the RunEngine's thread, so a slow disk stalled the scan."""
+    from bluesky import RunEngine
+
+    from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+    from bluesky_ptychonn.live.frames import StreamFrames
+
+    readers: set[str] = set()
+    read = StreamFrames.read
+
+    def slow_read(self, doc, descriptor):  # fault injection: a file system that takes 50 ms per read
+        readers.add(threading.current_thread().name)
+        time.sleep(0.05)
+        return read(self, doc, descriptor)
+
+    monkeypatch.setattr(StreamFrames, "read", slow_read)
+    callback = PtychoNNCallback(
+        predictor, tiled_server.client, CallbackConfig(data_roots=[tiled_server.data_dir], live=FAST)
+    )
+    run_engine = RunEngine({})
+    run_engine.subscribe(callback)
+    stage, detector = make_devices(tiled_server.data_dir / tmp_path.name)
+    (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=2e-7, shape=(4, 4), exposure_s=2e-3))
+    assert callback.wait(uid, 60)
+    assert readers == {"ptychonn-intake"}, readers  # the callback's own thread, whichever thread the RunEngine uses
+    assert callback.runs[uid].live.metadata["frames_done"] == 16
+
+
+def test_a_reader_never_sees_a_torn_image_while_a_consumer_publishes(tiled_server, monkeypatch):
+    """Was: a publish patches one array at a time: a reader could get amplitude and phase of two publishes."""
+    import uuid
+
+    from tiled.client.array import ArrayClient
+
+    from bluesky_ptychonn.core.geometry import ObjectGrid
+    from bluesky_ptychonn.core.stitching import StitchedImage
+    from bluesky_ptychonn.live.sink import TiledSink, read_image
+
+    uid = f"torn-{uuid.uuid4().hex}"
+    sink = TiledSink(tiled_server.client, uid)
+    grid = ObjectGrid(shape=(48, 48), origin_m=(0.0, 0.0), pixel_size_m=1e-8)
+
+    def publish(k):
+        image = np.full(grid.shape, float(k), np.float32)
+        sink.publish(StitchedImage(image, image, image, grid, k), {"status": "running", "frames_done": k})
+
+    publish(1)
+    half_way, resume = threading.Event(), threading.Event()
+    patch = ArrayClient.patch
+
+    def paused_patch(self, *args, **kwargs):  # fault injection: the publisher stalls between two arrays
+        if self.item["id"] == "phase":
+            half_way.set()
+            resume.wait(30)
+        return patch(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArrayClient, "patch", paused_patch)
+    writer = threading.Thread(target=publish, args=(2,))
+    writer.start()
+    try:
+        assert half_way.wait(30)
+        node = tiled_server.client["processed"][uid]["ptychonn"]
+        torn = {key: float(node[key].read().max()) for key in ("amplitude", "phase")}
+        assert torn == {"amplitude": 2.0, "phase": 1.0}  # what a plain read gets in the middle of a publish
+        with pytest.raises(TimeoutError):
+            read_image(node, timeout_s=0.5)  # never the torn image
+    finally:
+        resume.set()
+        writer.join()
+    arrays, md = read_image(node)
+    assert {float(v) for a in arrays.values() for v in (a.min(), a.max())} == {2.0} and md["frames_done"] == 2
+
+
+def _tiled_down(monkeypatch):
+    """Fault injection: every publish fails as it does while Tiled is unreachable."""
+    import httpx
+
+    from bluesky_ptychonn.live.sink import TiledSink
+
+    def refuse(self, image, metadata):
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(TiledSink, "publish", refuse)
+
+
+def test_a_final_image_tiled_will_not_take_is_backed_up_then_restored(
+    tiled_server, scan, section, predictor, tmp_path, monkeypatch
+):
+    """Was: after final_retry_s the final image was dropped with a log line."""
+    from bluesky_ptychonn.archive.backup import restore_backups
+
+    _tiled_down(monkeypatch)
+    options = FAST.model_copy(update={"final_retry_s": 0.3})
+    callback = PtychoNNCallback(predictor, tiled_server.client, CallbackConfig(live=options, backup_dir=tmp_path))
+    docs = _inline_run(scan.frames, scan.positions_m, section)
+    uid = docs[0][1]["uid"]
+    for name, doc in docs:
+        callback(name, doc)
+    assert not callback.wait(uid, 30)  # never reached Tiled
+    assert callback.runs[uid].live.done and (tmp_path / f"{uid}.ptychonn.h5").exists()
+    monkeypatch.undo()  # Tiled is back
+    assert restore_backups(tiled_server.client, tmp_path) == [uid]
+    node = tiled_server.client["processed"][uid]["ptychonn"]
+    assert node.metadata["status"] == "complete" and node.metadata["frames_done"] == len(scan.frames)
+    assert node["amplitude"].read().shape == tuple(node.metadata["grid"]["shape"])
+    assert (tmp_path / "restored" / f"{uid}.ptychonn.h5").exists()
+
+
+def test_sigterm_with_tiled_down_and_the_disk_full_says_what_was_lost(scan, section, predictor, tmp_path, caplog):
+    """Interrupted at exit, Tiled unreachable, the backup disk full (/dev/full): logged, nothing raised, no torn file"""
+    callback = PtychoNNCallback(
+        _slow(predictor, 0.2), None, CallbackConfig(live=FAST.model_copy(update={"batch_size": 4}), backup_dir=tmp_path)
+    )
+    docs = _inline_run(scan.frames, scan.positions_m, section)
+    uid = docs[0][1]["uid"]
+    (tmp_path / f"{uid}.ptychonn.h5.partial").symlink_to("/dev/full")  # writes fail with ENOSPC
+    for name, doc in docs[:-1]:  # no stop: the consumer is told to quit mid-scan
+        callback(name, doc)
+    assert callback.flush(30)
+    callback.runs[uid].live.sink = _Unreachable()
+    assert callback.interrupt("SIGTERM", timeout=1.0) == [uid]
+    assert "No space left on device" in caplog.text and "could not be backed up either" in caplog.text
+    assert not (tmp_path / f"{uid}.ptychonn.h5").exists()  # never a half-written backup under the name restore reads
+
+
+class _Unreachable:
+    """A sink whose server is gone (fault injection)."""
+
+    def publish(self, image, metadata):
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+
+def test_the_0mq_proxy_with_curve_admits_only_known_keys(scan, section, checkpoint, tmp_path):
+    """The proxy's output with CURVE: the consumer with its key gets the run; a keyless subscriber hears nothing.
+
+    bluesky's proxy cannot run CURVE on both sockets at once (each starts a ZAP authenticator at
+    the same inproc address); its input stays on the loopback, where only the RunEngine's host reaches it.
+    """
+    import asyncio
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import zmq.auth
+    from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
+    from tiled_servers import free_port
+
+    from bluesky_ptychonn.live.service import Consumer
+    from bluesky_ptychonn.live.settings import ServiceConfig
+    from bluesky_ptychonn.live.wire import deserialize, serialize
+
+    keys = {}
+    for name in ("proxy", "consumer"):
+        keys[name] = zmq.auth.create_certificates(tmp_path, name)  # (public, secret) files
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    shutil.copy(keys["consumer"][0], trusted)
+    zmq_in, zmq_out = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    script = Path(sys.executable).with_name("bluesky-0MQ-proxy")
+    curve = ["--out-curve-secret", keys["proxy"][1], "--out-curve-client-keys", trusted]
+    proxy = subprocess.Popen(
+        [str(script) if script.exists() else "bluesky-0MQ-proxy", "--in-address", zmq_in, "--out-address", zmq_out]
+        + [str(c) for c in curve],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    config = ServiceConfig(
+        model={"checkpoint": checkpoint, "device": "cpu", "reload_interval_s": 0},
+        zmq={"address": zmq_out, "client_secret_key": keys["consumer"][1], "server_public_key": keys["proxy"][0]},
+        live=FAST,
+    )
+    consumer = Consumer(config)
+    heard = []
+    eavesdropper = RemoteDispatcher(zmq_out, deserializer=deserialize)  # no key
+    eavesdropper.subscribe(lambda name, doc: heard.append(name))
+
+    def listen():
+        try:
+            eavesdropper.start()
+        except asyncio.CancelledError:  # how it is stopped below
+            pass
+
+    threads = [threading.Thread(target=consumer.run), threading.Thread(target=listen)]
+    for thread in threads:
+        thread.start()
+    try:
+        publisher = Publisher(zmq_in, serializer=serialize)
+        deadline = time.monotonic() + 60
+        while not consumer.callback.runs:  # PUB/SUB drops what is sent before both ends are connected
+            assert time.monotonic() < deadline and proxy.poll() is None
+            publisher("start", {"uid": f"hello-{time.monotonic()}", "time": time.time()})
+            time.sleep(0.25)
+        docs = _inline_run(scan.frames, scan.positions_m, section)
+        for name, doc in docs:
+            publisher(name, doc)
+        uid = docs[0][1]["uid"]
+        while uid not in consumer.callback.runs or not consumer.callback.wait(uid, 1):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert consumer.callback.runs[uid].live.metadata["frames_done"] == len(scan.frames)
+        assert heard == []
+    finally:
+        consumer.stop()
+        eavesdropper.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(eavesdropper.loop)])
+        for thread in threads:
+            thread.join(10)
+        proxy.terminate()
+        proxy.wait(10)

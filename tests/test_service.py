@@ -23,12 +23,14 @@ import pytest
 import zmq
 from bluesky import RunEngine
 from bluesky.callbacks.zmq import Publisher
+from bluesky_tiled_plugins import TiledWriter
 from test_callback import _inline_run
 from test_wire import Marker
 from tiled_servers import free_port
 from tiny_models import write_tiny_checkpoint
 
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+from bluesky_ptychonn.archive.replay import replay_run
 from bluesky_ptychonn.archive.servers import subscribe_archive
 from bluesky_ptychonn.core.checkpoint import CheckpointInfo, save_checkpoint
 from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe
@@ -138,15 +140,8 @@ def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_dev
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    consumer = subprocess.Popen(
-        [sys.executable, str(CALLBACKS / "launch_consumer.py"), "--config", str(config)],
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
+    consumer, lines = _start_consumer(config, env)
     assert api_key not in " ".join(consumer.args)  # the key travels in the environment only
-    lines = _Lines(consumer.stderr)
     publisher = None
     marker = tmp_path / "unpickled"
     try:
@@ -223,6 +218,33 @@ def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_dev
         md = dict(client["processed"][open_uid]["ptychonn"].metadata)
         assert md["status"] == "interrupted" and md["frames_done"] == len(frames), md
         assert "stopped before" in md["reason"] and md["updated"] >= md["started"]
+
+        # Killed (SIGKILL: no chance to say anything) mid-run and restarted: the new consumer never
+        # saw the run's start; at its stop it marks the result the dead one left running as
+        # interrupted, naming replay, and replay finishes it from the archive with every frame.
+        killed_run = _inline_run(frames, positions, _section(tiled_server.client["raw"][uid]))
+        killed_uid = killed_run[0][1]["uid"]
+        archive = TiledWriter(client["raw"])
+        for name, doc in killed_run:
+            archive(name, doc)
+        env = {**os.environ, "TILED_API_KEY": api_key}  # no refinement from here on: it only slows the starts
+        consumer, lines = _start_consumer(config, env)
+        _wait_connected(lines, publisher, serializer)
+        for name, doc in killed_run[:-1]:
+            publisher(name, doc)
+        while time.monotonic() < deadline and _status(client, killed_uid) is None:
+            time.sleep(0.2)
+        consumer.kill()
+        consumer.wait(10)
+        consumer.stderr.close()
+        consumer, lines = _start_consumer(config, env)
+        lines.wait_for(f"started after run {killed_uid} began", poke=lambda: publisher(*killed_run[-1]))
+        while time.monotonic() < deadline and _status(client, killed_uid) == "running":
+            time.sleep(0.2)
+        md = dict(client["processed"][killed_uid]["ptychonn"].metadata)
+        assert md["status"] == "interrupted" and f"replay {killed_uid}" in md["reason"], md
+        replayed = replay_run(client["raw"][killed_uid], Predictor.from_checkpoint(checkpoint, device="cpu"), client)
+        assert replayed["status"] == "complete" and replayed["frames_done"] == len(frames), replayed
     finally:
         if publisher is not None:
             publisher.close()  # else the 0MQ context waits for it at exit
@@ -233,6 +255,31 @@ def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_dev
         consumer.stderr.close()
     assert not marker.exists(), "the consumer unpickled a message"
     assert api_key not in output
+
+
+def _start_consumer(config, env):
+    consumer = subprocess.Popen(
+        [sys.executable, str(CALLBACKS / "launch_consumer.py"), "--config", str(config)],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    return consumer, _Lines(consumer.stderr)
+
+
+def _wait_connected(lines, publisher, serializer):
+    """Until the consumer reports a (harmless, pickled) message: PUB drops what it sends before then."""
+    serializer.encode = pickle.dumps
+    lines.wait_for("dropped a 0MQ message", poke=lambda: publisher("start", {"uid": "probe", "time": 0.0}))
+    serializer.encode = serialize
+
+
+def _status(client, uid):
+    try:
+        return client["processed"][uid]["ptychonn"].metadata["status"]
+    except KeyError:
+        return None
 
 
 def _section(run):

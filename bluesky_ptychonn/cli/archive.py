@@ -1,5 +1,5 @@
 """Commands on the archive: ``serve`` Tiled, ``replay`` runs, ``iterative`` labels, ``refine``, ``train-runs``,
-``fine-tune``."""
+``fine-tune``, ``restore`` backups."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from .options import (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``serve``, ``replay``, ``iterative``, ``refine``, ``train-runs`` and ``fine-tune``."""
+    """Add ``serve``, ``replay``, ``iterative``, ``refine``, ``train-runs``, ``fine-tune`` and ``restore``."""
     p = sub.add_parser("serve", help="run a persistent Tiled server with the 'raw' catalog of Bluesky runs")
     p.add_argument("directory", type=Path, help="folder for the catalog, array data and tables")
     p.add_argument(
@@ -123,6 +123,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=5.0, help="budget of --self-supervised (default: 5)")
     add_training_options(p, epochs=FINE_TUNE_EPOCHS, learning_rate=FINE_TUNE_LEARNING_RATE)
     p.set_defaults(func=fine_tune)
+
+    p = sub.add_parser("restore", help="write runs and live images backed up during a Tiled outage into Tiled")
+    p.add_argument("directory", type=Path, help="the backup folder (subscribe_archive's, [callback] backup_dir)")
+    p.add_argument("--tiled-uri", required=True, help="Tiled server root URI")
+    p.add_argument(
+        "--api-key-env", default=API_KEY_ENV, help=f"environment variable with the API key (default {API_KEY_ENV})"
+    )
+    p.set_defaults(func=restore)
+
+
+def restore(args: argparse.Namespace) -> dict:
+    """``restore``: write every backup in the folder into Tiled; failures stay for the next try."""
+    from ..archive.backup import restore_backups
+    from ..archive.servers import connect
+
+    client, _ = connect(args.tiled_uri, api_key=os.environ.get(args.api_key_env) or None)
+    return {"restored": restore_backups(client, args.directory)}
 
 
 def add_iterative_options(

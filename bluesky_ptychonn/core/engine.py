@@ -24,18 +24,18 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Literal, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
-from pydantic import Field
 
 from ..errors import PositionError
-from .config import Frozen
 from .consistency import FrameConsistency, live_trust
 from .faults import permanent_error
 from .geometry import ObjectGrid
+from .live_options import LiveOptions
 from .preprocess import bad_frames, malformed_submission
-from .stitching import STITCH_WIDTH, PatchStitcher, StitchedImage, patch_window
+from .stitching import PatchStitcher, StitchedImage, patch_window
 
 logger = logging.getLogger(__name__)
 
@@ -45,36 +45,6 @@ class Sink(Protocol):
 
     def publish(self, image: StitchedImage, metadata: dict[str, Any]) -> None:
         """Write the image and metadata; raise on failure (the caller retries)."""
-
-
-class LiveOptions(Frozen):
-    """Batching, cadence and retry policy of a live reconstruction."""
-
-    batch_size: int = Field(64, ge=1, description="Frames per inference micro-batch.")
-    max_wait_s: float = Field(0.2, ge=0, description="Longest a frame waits for its micro-batch to fill.")
-    publish_interval_s: float = Field(1.0, gt=0, description="Cadence of snapshots to the sink while the scan runs.")
-    retry_s: float = Field(1.0, gt=0, description="First delay after a failed publish; doubles up to 30 s.")
-    final_retry_s: float = Field(600.0, ge=0, description="How long the final image is retried after the run ends.")
-    window: Literal["gaussian", "central", "uniform"] = Field(
-        "gaussian", description="Stitching weight of each patch (see core.stitching.patch_window)."
-    )
-    window_width: float = Field(
-        STITCH_WIDTH, gt=0, le=1, description="Width of the stitching window as a fraction of the patch."
-    )
-    saturation_counts: float | None = Field(
-        None, gt=0, description="Frames with any pixel at or above this are dropped as saturated; None keeps them."
-    )
-    max_queued_frames: int = Field(
-        16384,
-        ge=1,
-        description=(
-            "Frames waiting for inference at most (16384 64x64 float32 frames: 256 MiB). Frames beyond it are "
-            "skipped, never blocking the caller, and their ids are listed in the result (replay finishes them)."
-        ),
-    )
-    idle_timeout_s: float = Field(
-        3600.0, gt=0, description="A run with no frames and no stop for this long is finished as 'interrupted'."
-    )
 
 
 _STOP = object()
@@ -140,6 +110,8 @@ class LiveReconstruction:
         self._finished = threading.Event()
         self._published_final = threading.Event()
         self._first_frame: float | None = None
+        # Called with (image, metadata) when the final image cannot reach the sink, to keep it elsewhere.
+        self.fallback: Callable[[StitchedImage, dict[str, Any]], Any] | None = None
         self._permanent: str | None = None  # why publishing can never succeed, if it cannot
         self._worker = threading.Thread(target=self._work, name="ptychonn-inference", daemon=True)
         self._publisher = threading.Thread(target=self._publish_loop, name="ptychonn-publish", daemon=True)
@@ -152,7 +124,8 @@ class LiveReconstruction:
         """Queue frames with their ids and positions (y, x) in metres.
 
         Returns at once: frames beyond ``max_queued_frames`` are skipped and listed. With
-        ``wait`` (replay, which has the frames on disk and no scan to hold up) it waits for room.
+        ``wait`` (frames that can stay on disk: replay, or files read off the RunEngine's thread)
+        it waits for room instead.
         """
         if self._first_frame is None:
             self._first_frame = time.time()
@@ -167,7 +140,8 @@ class LiveReconstruction:
             self.record_error(f"dropped {len(ids)} frames: {problem}")
             self._count("frames_dropped", len(ids))
             return
-        while wait and self._queued and self._queued + len(ids) > self.options.max_queued_frames:
+        limit = self.options.max_queued_frames
+        while wait and self._queued and self._queued + len(ids) > limit and self._worker.is_alive():
             time.sleep(0.01)
         with self._lock:
             skip = self._queued + len(ids) > self.options.max_queued_frames
@@ -403,9 +377,12 @@ class LiveReconstruction:
                     self._dirty.set()
                     if self._permanent:  # a wrong key stays wrong: one clear line, no 10 minutes of retries
                         logger.error("run %s: %s", self.metadata.get("raw_uid"), self._permanent)
+                        if finished:
+                            self.keep_unwritten()
                         return
                     if give_up_at is not None and time.monotonic() > give_up_at:
                         logger.error("run %s: gave up writing the final image", self.metadata.get("raw_uid"))
+                        self.keep_unwritten()
                         return
                     time.sleep(delay)
                     delay = min(30.0, delay * 2)
@@ -413,9 +390,24 @@ class LiveReconstruction:
             # Sleep until the next cadence tick, or at once when the run finishes.
             self._finished.wait(self.options.publish_interval_s)
 
-    def _publish(self) -> bool:
-        if self.sink is None:
-            return True
+    def keep_unwritten(self) -> Any:
+        """Hand the current image to ``fallback`` (a backup on disk), for a final image the sink could not take.
+
+        Returns what ``fallback`` returned (None without one, or if it failed: logged).
+        """
+        if self.fallback is None:
+            return None
+        image, metadata = self._for_sink()
+        try:
+            kept = self.fallback(image, metadata)
+        except Exception as err:
+            logger.error("run %s: the image could not be backed up either: %r", self.metadata.get("raw_uid"), err)
+            return None
+        logger.warning("run %s: image kept at %s", self.metadata.get("raw_uid"), kept)
+        return kept
+
+    def _for_sink(self) -> tuple[StitchedImage, dict[str, Any]]:
+        """A snapshot of the image and a copy of the metadata, taken together under the lock."""
         with self._lock:
             image = self.stitcher.snapshot()
             self._summarise_trust()
@@ -426,6 +418,12 @@ class LiveReconstruction:
                 "trust": dict(self.metadata["trust"]),
                 "timings": dict(self.timings),
             }
+        return image, metadata
+
+    def _publish(self) -> bool:
+        if self.sink is None:
+            return True
+        image, metadata = self._for_sink()
         t0 = time.perf_counter()
         try:
             self.sink.publish(image, metadata)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -35,3 +36,24 @@ def read_result(path: str | Path) -> tuple[StitchedImage, dict]:
             frames=int(f.attrs["frames"]),
         )
         return image, json.loads(f.attrs["metadata"])
+
+
+#: A final image Tiled could not take, kept as ``<raw uid>.ptychonn.h5`` in the backup folder.
+BACKUP_SUFFIX = ".ptychonn.h5"
+
+
+def backup_result(directory: str | Path, raw_uid: str, image: StitchedImage, metadata: dict) -> Path:
+    """Keep a result Tiled could not take as ``<directory>/<raw_uid>.ptychonn.h5``, written atomically.
+
+    ``raw_uid`` must already be a valid Tiled key (no path separators): it names the file.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{raw_uid}{BACKUP_SUFFIX}"
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write_result(partial, image, metadata)
+        os.replace(partial, path)  # never a half-written backup under the name restore reads
+    finally:
+        partial.unlink(missing_ok=True)
+    return path

@@ -12,14 +12,22 @@ or legacy Resource/Datum (read as :mod:`~bluesky_ptychonn.live.frames` describes
 data roots), or inline in Event/EventPage; they are matched to positions by stream index and frame
 id, never by arrival order.
 
-Failure policy: an exception in any document handler is recorded in the result's metadata, then
-logged and suppressed by bluesky's ``make_class_safe``; the RunEngine never sees it (bluesky aborts
-a run when a callback raises) unless ``BLUESKY_DEBUG_CALLBACKS`` is set, bluesky's debugging switch.
+The RunEngine's thread only queues each document: reading frames from HDF5, loading a stored
+probe and writing to Tiled all happen on the callback's intake thread, in document order, so a
+slow file system or a slow Tiled never stalls the scan. Frames read from files wait on disk while
+inference is behind (never skipped); inline frames beyond ``max_queued_frames`` are skipped and
+listed (:class:`~bluesky_ptychonn.core.engine.LiveOptions`).
+
+Failure policy: an exception in any document handler is recorded in the result's metadata and
+logged with its traceback; the RunEngine never sees it (bluesky aborts a run when a callback raises)
+unless ``BLUESKY_DEBUG_CALLBACKS`` is set, bluesky's debugging switch.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -30,8 +38,10 @@ from bluesky.callbacks.core import make_class_safe
 from event_model import RunRouter
 from event_model.documents import RunStart
 
+from ..tiled_paths import PROCESSED, PTYCHONN, tiled_key
 from .config import CallbackConfig
 from .run import RunReconstructor
+from .sink import TiledSink
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +89,12 @@ class PtychoNNCallback:
         self.runs: dict[str, RunReconstructor] = {}
         self._router = RunRouter([self._factory])
         self._lock = threading.Lock()
+        self._intake: queue.SimpleQueue = queue.SimpleQueue()
+        self._queued = 0  # documents taken from the RunEngine, not yet routed
+        self._idle = threading.Condition()
+        self._intake_thread: threading.Thread | None = None
+        self._descriptor_runs: dict[str, str] = {}  # descriptor uid -> run uid, of the runs routed
+        self._missed: dict[str, str] = {}  # descriptor uid -> run uid ("?" if unknown), of runs whose start was missed
 
     @classmethod
     def from_checkpoint(
@@ -124,8 +140,6 @@ class PtychoNNCallback:
         """
         if self.client is None:
             return None
-        from .sink import TiledSink
-
         return TiledSink(self.client, uid)
 
     def set_predictor(self, predictor: Any) -> None:
@@ -150,11 +164,13 @@ class PtychoNNCallback:
         A finished run holds its image and the model it ran with (a hot-swapped one included).
         """
         done = [uid for uid, run in self.runs.items() if run.stopped and (run.live is None or run.live.done)]
-        for uid in done[: max(0, len(done) - KEEP_FINISHED)]:
+        released = set(done[: max(0, len(done) - KEEP_FINISHED)])
+        for uid in released:
             del self.runs[uid]
+        self._descriptor_runs = {d: r for d, r in self._descriptor_runs.items() if r not in released}
 
     def __call__(self, name: str, doc: dict) -> None:
-        """Route one document; a malformed or out-of-order one is recorded and logged, never raised.
+        """Queue one document for the intake thread and return at once (the RunEngine's thread is never held).
 
         Parameters
         ----------
@@ -162,18 +178,105 @@ class PtychoNNCallback:
             The document's name, as the RunEngine emits it.
         doc : dict
             The document.
+
+        Notes
+        -----
+        With ``BLUESKY_DEBUG_CALLBACKS`` set (bluesky's debugging switch) the document is routed
+        at once in the caller's thread, so a handler's exception reaches the caller.
         """
+        if os.environ.get("BLUESKY_DEBUG_CALLBACKS"):
+            self.flush()
+            self.route(name, doc)
+            return
+        with self._idle:
+            self._queued += 1
+            if self._intake_thread is None:
+                self._intake_thread = threading.Thread(target=self._drain, name="ptychonn-intake", daemon=True)
+                self._intake_thread.start()
+        self._intake.put((name, doc))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until every document queued so far is routed; True if it was within ``timeout``."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._queued == 0, timeout)
+
+    def _drain(self) -> None:
+        while True:
+            name, doc = self._intake.get()
+            try:
+                self.route(name, doc)
+            except Exception:  # recorded in its run by route(); the intake goes on with the next document
+                logger.exception("could not route a %r document", name)
+            finally:
+                with self._idle:
+                    self._queued -= 1
+                    if self._queued == 0:
+                        self._idle.notify_all()
+
+    def route(self, name: str, doc: dict) -> None:
+        """Route one document now, in the caller's thread; a malformed or out-of-order one is recorded, then raised."""
         try:
             with self._lock:
                 run = self._run_of(doc) if name == "stream_datum" else None
                 if run is not None and run.hold_early(doc):  # the router would refuse it: no StreamResource yet
                     return
+                if self._of_a_missed_run(name, doc):
+                    return
                 self._router(name, doc)
+                if name == "descriptor":
+                    self._descriptor_runs[doc["uid"]] = doc["run_start"]
         except Exception as err:
             run = self._run_of(doc)
             if run is not None:
                 run.fail(f"could not route a {name!r} document: {err!r}")
             raise
+
+    def _of_a_missed_run(self, name: str, doc: Any) -> bool:
+        """True for a document of a run whose start this consumer never saw (it started, or restarted, mid-run).
+
+        Such a run is not ignored silently: its result is marked ``interrupted`` with the command
+        that reconstructs it from the archive, at its frames descriptor when that comes, or at its
+        stop when an earlier consumer left its result ``running`` (killed mid-run).
+        """
+        if not isinstance(doc, dict):
+            return False
+        run_uid, descriptor = doc.get("run_start"), doc.get("descriptor")
+        if isinstance(run_uid, str) and name in ("descriptor", "stop", "stream_resource", "resource"):
+            if run_uid in self.runs:
+                return False
+            if name == "descriptor":
+                self._missed[str(doc.get("uid"))] = run_uid
+                keys = doc.get("data_keys") or {}
+                if doc.get("name") == self.config.stream_name and self.config.frames_key in keys:
+                    self._mark_missed(run_uid, only_if_running=False)
+            elif name == "stop":
+                self._mark_missed(run_uid, only_if_running=True)
+            return True
+        if name in ("event", "event_page", "stream_datum") and isinstance(descriptor, str):
+            if descriptor in self._descriptor_runs:
+                return False
+            if descriptor not in self._missed:
+                logger.warning("documents of descriptor %s, of a run whose start was missed: ignored", descriptor)
+                self._missed[descriptor] = "?"
+            return True
+        return False
+
+    def _mark_missed(self, uid: str, *, only_if_running: bool) -> None:
+        reason = f"this consumer started after run {uid} began; reconstruct it with: bluesky-ptychonn replay {uid}"
+        logger.warning(reason)
+        if self.client is None:
+            return
+        try:
+            tiled_key(uid, "run uid")
+            if only_if_running:
+                processed = self.client[PROCESSED] if PROCESSED in self.client else {}
+                results = processed[uid] if uid in processed else {}
+                if PTYCHONN not in results or results[PTYCHONN].metadata.get("status") != "running":
+                    return
+            metadata = {"raw_uid": uid, "status": "interrupted", "reason": reason, "source": "live"}
+            TiledSink(self.client, uid).write_metadata({**metadata, "updated": time.time()})
+        except Exception as err:
+            logger.error("run %s: could not record the missed start in Tiled: %r", uid, err)
 
     def _run_of(self, doc: Any) -> RunReconstructor | None:
         """The run a document belongs to, by its start uid or its descriptor (None if unknown)."""
@@ -188,19 +291,22 @@ class PtychoNNCallback:
     def interrupt(self, reason: str, timeout: float = 30.0) -> list[str]:
         """Finish every run still open as ``interrupted`` with its partial image; return their uids.
 
-        For a consumer that is stopping (SIGTERM, Ctrl-C): the frames already received are
-        reconstructed and written before it exits, so no result is left ``running``. Waits at most
-        ``timeout`` seconds in all for the writes.
+        For a consumer that is stopping (SIGTERM, Ctrl-C): the documents already received are
+        routed and their frames reconstructed and written before it exits, so no result is left
+        ``running``. Waits at most ``timeout`` seconds in all.
         """
+        deadline = time.monotonic() + timeout
+        if not self.flush(timeout / 2):
+            logger.error("documents still queued at exit were not routed")
         with self._lock:
             open_runs = [r for r in self.runs.values() if r.live is not None and not r.stopped]
             for run in open_runs:
                 run.stopped = True
                 run.live.finish("interrupted", reason=reason)  # type: ignore[union-attr]
-        deadline = time.monotonic() + timeout
         for run in open_runs:
             if not run.live.wait(max(0.0, deadline - time.monotonic())):  # type: ignore[union-attr]
-                logger.error("run %s: the interrupted image could not be written before exit", run.uid)
+                logger.error("run %s: the interrupted image could not be written to Tiled before exit", run.uid)
+                run.live.keep_unwritten()  # type: ignore[union-attr]  # to backup_dir, when there is one
         return [r.uid for r in open_runs]
 
     def wait(self, uid: str, timeout: float | None = None) -> bool:
@@ -218,5 +324,9 @@ class PtychoNNCallback:
         bool
             True if the final image was written.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.flush(timeout)
+        if deadline is not None:
+            timeout = max(0.0, deadline - time.monotonic())
         run = self.runs.get(uid)
         return bool(run and run.live and run.live.wait(timeout))

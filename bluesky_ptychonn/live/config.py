@@ -28,6 +28,13 @@ class CallbackConfig(Frozen):
         GRID_MARGIN_PIXELS, ge=0, description="Object-grid margin beyond the scan extent (jitter, noise)."
     )
     live: LiveOptions = Field(default_factory=LiveOptions, description="Batching, cadence and retry policy.")
+    backup_dir: Path | None = Field(
+        None,
+        description=(
+            "Folder for final images Tiled could not take (given up after final_retry_s, or still unwritten at exit), "
+            "as <uid>.ptychonn.h5; `bluesky-ptychonn restore` writes them into Tiled. None: logged and lost."
+        ),
+    )
     probe_run: str | None = Field(
         None,
         description=(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from .. import __version__, schema
 from ..core.engine import LiveReconstruction
 from ..errors import RunError
 from ..files.readers import DataRoots
+from ..files.results import backup_result
 from ..tiled_paths import stored_probe, tiled_key
 from .frames import DatumFrames, StreamFrames, per_point, stream_indices
 
@@ -80,6 +82,7 @@ class RunReconstructor(DocumentRouter):
         self._pending: dict[str, dict[int, Any]] = {"frames": {}, "positions": {}, "ids": {}}
         # StreamDatums that came before their StreamResource, by its uid: read when it comes.
         self._early: dict[str, list[Any]] = {}
+        self._frames_on_disk = False
         self.stopped = False
 
     def __call__(self, name: str, doc: dict, validate: bool = False) -> tuple[str, dict]:
@@ -132,6 +135,8 @@ class RunReconstructor(DocumentRouter):
             self._record_failure()
             return
         self._descriptors[doc["uid"]] = doc
+        # Frames in files can wait on disk while inference is behind; inline ones are in memory.
+        self._frames_on_disk = bool(keys[self.config.frames_key].get("external"))
         self._datum_frames.descriptor(doc)
         if self.live is None:
             try:
@@ -193,6 +198,8 @@ class RunReconstructor(DocumentRouter):
             probe=probe,
             probe_source=probe_source,
         )
+        if self.config.backup_dir is not None:
+            self.live.fallback = partial(backup_result, self.config.backup_dir, self.uid)
         for message in self.errors:
             self.live.record_error(message)
         self.active = True
@@ -322,4 +329,5 @@ class RunReconstructor(DocumentRouter):
             if self.config.frame_id_key
             else np.array(complete)
         )
-        self.live.submit(ids, frames, positions)
+        # Runs on the callback's intake thread: waiting for room holds up only the reading of files.
+        self.live.submit(ids, frames, positions, wait=self._frames_on_disk)

@@ -5,6 +5,11 @@ are 2-D float32 arrays with dims (y, x). They are
 written from the first row to the last covered row and then grown and patched: each publish
 sends only the band of rows whose weight changed, extending the arrays when the scan has moved
 on to new rows, so a reader polling Tiled sees the image grow while the scan runs.
+
+Tiled has no transaction over several arrays, so a publish is bracketed as a sequence lock: the
+metadata's ``publish_seq`` is odd while the arrays are being patched and even once they all hold
+the same snapshot. :func:`read_image` uses it to never return amplitude of one snapshot with
+phase of another.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class TiledSink:
         self._node: Any = None
         self._rows = 0  # rows now in Tiled
         self._sent_weight: np.ndarray | None = None  # weight as last written, to find changed rows
+        self._seq = 0  # publish_seq as last written: odd while arrays are being patched
 
     @property
     def path(self) -> str:
@@ -64,6 +70,7 @@ class TiledSink:
         if self.name in run:
             node = run[self.name]
             self._rows = node["amplitude"].shape[0] if "amplitude" in node else 0
+            self._seq = int(node.metadata.get("publish_seq") or 0)
         else:
             # Created as running: readers go by status, and the arrays are not there yet.
             node = run.create_container(self.name, metadata={**metadata, "status": "running"})
@@ -84,6 +91,8 @@ class TiledSink:
             changed = np.flatnonzero((image.weight != self._sent_weight).any(axis=1))
             first = min(int(changed[0]) if len(changed) else rows, self._rows)
         keys = ARRAYS + (("trust",) if image.trust is not None else ())
+        self._seq += 1 + self._seq % 2  # odd: readers of the arrays wait or retry
+        node.update_metadata({"publish_seq": self._seq})
         for key in keys:
             if self._rows == 0 or key not in node:
                 if key in node:  # left by a publish that failed half way
@@ -96,7 +105,8 @@ class TiledSink:
             node["trust"].delete(external_only=False)
         self._rows = max(self._rows, rows)
         self._sent_weight = image.weight.copy()
-        node.update_metadata(metadata)
+        self._seq += 1
+        node.update_metadata({**metadata, "publish_seq": self._seq})
 
     def write_metadata(self, metadata: dict[str, Any]) -> None:
         """Metadata only: a result that never got an image (it failed), or one whose image is yet to come."""
@@ -116,3 +126,35 @@ def check_write_access(client: Any) -> None:
         run_results(client, f"write-check-{uuid.uuid4().hex}").delete(recursive=True, external_only=False)
     except Exception as err:
         raise ConfigurationError(permanent_error(err) or f"cannot write to Tiled: {err!r}") from err
+
+
+def read_image(node: Any, timeout_s: float = 30.0) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a result's arrays and metadata as one snapshot, even while a consumer is publishing it.
+
+    Parameters
+    ----------
+    node : tiled.client.container.Container
+        The result, e.g. ``client["processed"][uid]["ptychonn"]``.
+    timeout_s : float
+        Give up (:class:`TimeoutError`) if no consistent snapshot could be read for this long.
+
+    Returns
+    -------
+    tuple of (dict, dict)
+        ``{"amplitude": ..., "phase": ..., "weight": ... [, "trust": ...]}`` and the metadata.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        node.refresh()
+        before = dict(node.metadata)
+        seq = before.get("publish_seq")
+        if seq is None or seq % 2 == 0:
+            arrays = {key: node[key].read() for key in (*ARRAYS, "trust") if key in node}
+            node.refresh()
+            if node.metadata.get("publish_seq") == seq:
+                return arrays, before
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{node.uri}: no consistent snapshot within {timeout_s:g} s (a publish kept going)")
+        time.sleep(0.05)

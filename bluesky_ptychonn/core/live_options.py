@@ -1,0 +1,43 @@
+"""The policy of a live reconstruction: batching, cadence, retries, the bounded queue."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .config import Frozen
+from .stitching import STITCH_WIDTH
+
+__all__ = ["LiveOptions"]
+
+
+class LiveOptions(Frozen):
+    """Batching, cadence and retry policy of a live reconstruction."""
+
+    batch_size: int = Field(64, ge=1, description="Frames per inference micro-batch.")
+    max_wait_s: float = Field(0.2, ge=0, description="Longest a frame waits for its micro-batch to fill.")
+    publish_interval_s: float = Field(1.0, gt=0, description="Cadence of snapshots to the sink while the scan runs.")
+    retry_s: float = Field(1.0, gt=0, description="First delay after a failed publish; doubles up to 30 s.")
+    final_retry_s: float = Field(600.0, ge=0, description="How long the final image is retried after the run ends.")
+    window: Literal["gaussian", "central", "uniform"] = Field(
+        "gaussian", description="Stitching weight of each patch (see core.stitching.patch_window)."
+    )
+    window_width: float = Field(
+        STITCH_WIDTH, gt=0, le=1, description="Width of the stitching window as a fraction of the patch."
+    )
+    saturation_counts: float | None = Field(
+        None, gt=0, description="Frames with any pixel at or above this are dropped as saturated; None keeps them."
+    )
+    max_queued_frames: int = Field(
+        16384,
+        ge=1,
+        description=(
+            "Frames waiting for inference at most (16384 64x64 float32 frames: 256 MiB). Frames in files wait on "
+            "disk for room; inline frames beyond it are skipped, never blocking the RunEngine, and their ids are "
+            "listed in the result (replay finishes them)."
+        ),
+    )
+    idle_timeout_s: float = Field(
+        3600.0, gt=0, description="A run with no frames and no stop for this long is finished as 'interrupted'."
+    )
