@@ -496,8 +496,9 @@ class _Unreachable:
         raise ConnectionRefusedError("[Errno 111] Connection refused")
 
 
-def test_the_0mq_proxy_with_curve_admits_only_known_keys(scan, section, checkpoint, tmp_path):
-    """The proxy's output with CURVE: the consumer with its key gets the run; a keyless subscriber hears nothing.
+def test_the_0mq_proxy_with_curve_admits_only_known_keys_and_survives_a_restart(scan, section, checkpoint, tmp_path):
+    """The proxy's output with CURVE: the consumer with its key gets the run; a keyless subscriber hears nothing;
+    the proxy restarted mid-run loses nothing that was not sent while it was down.
 
     bluesky's proxy cannot run CURVE on both sockets at once (each starts a ZAP authenticator at
     the same inproc address); its input stays on the loopback, where only the RunEngine's host reaches it.
@@ -566,6 +567,30 @@ def test_the_0mq_proxy_with_curve_admits_only_known_keys(scan, section, checkpoi
             time.sleep(0.1)
         assert consumer.callback.runs[uid].live.metadata["frames_done"] == len(scan.frames)
         assert heard == []
+
+        # The proxy restarted in the middle of a run: the consumer reconnects by itself and the
+        # run goes on (what is published while no proxy listens is lost, and would be counted missing).
+        start, desc, page, stop = _inline_run(scan.frames, scan.positions_m, section)
+        first, rest = _halves(page[1])
+        for doc in (start, desc, ("event_page", first)):
+            publisher(*doc)
+        uid = start[1]["uid"]
+        while uid not in consumer.callback.runs or consumer.callback.runs[uid].live._arrived != set(range(8)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proxy.terminate()
+        proxy.wait(10)
+        proxy = subprocess.Popen(proxy.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        known = len(consumer.callback.runs)
+        while len(consumer.callback.runs) == known:  # until both ends have reconnected
+            assert time.monotonic() < deadline and proxy.poll() is None
+            publisher("start", {"uid": f"hello-{time.monotonic()}", "time": time.time()})
+            time.sleep(0.25)
+        publisher("event_page", rest)
+        publisher(*stop)
+        assert consumer.callback.wait(uid, 30)
+        md = consumer.callback.runs[uid].live.metadata
+        assert md["status"] == "complete" and md["frames_done"] == len(scan.frames) and md["frames_missing"] == 0
     finally:
         consumer.stop()
         eavesdropper.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(eavesdropper.loop)])
@@ -573,3 +598,15 @@ def test_the_0mq_proxy_with_curve_admits_only_known_keys(scan, section, checkpoi
             thread.join(10)
         proxy.terminate()
         proxy.wait(10)
+
+
+def _halves(page):
+    """An EventPage split in two at its middle row."""
+    half = len(page["seq_num"]) // 2
+
+    def cut(value, part):
+        if isinstance(value, dict):
+            return {k: cut(v, part) for k, v in value.items()}
+        return (value[:half] if part == 0 else value[half:]) if isinstance(value, list) else value
+
+    return cut(page, 0), cut(page, 1)
