@@ -1,4 +1,4 @@
-"""`make bench`: run every benchmark, print its figures and write them as JSON under --out.
+"""`make bench`: run every benchmark, print its figures and write them as JSON and one markdown table under --out.
 
 Each benchmark module has ``run(quick: bool) -> dict``; figures carry the machine they ran on.
 """
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_inference", "bench_acquisition", "bench_live", "bench_trust", "bench_refine"]
+BENCHMARKS = ["bench_inference", "bench_engine", "bench_acquisition", "bench_live", "bench_trust", "bench_refine"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
+    report = [f"# `make bench` {stamp}", ""]
     for name in args.only or BENCHMARKS:
         try:
             module = importlib.import_module(name)
@@ -36,7 +37,24 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / f"{name}-{stamp}.json"
         path.write_text(json.dumps(result, indent=2))
         print(f"   written to {path}")
+        report += markdown(result)
+    table = args.out / f"bench-{stamp}.md"
+    table.write_text("\n".join(report) + "\n")
+    print(f"tables written to {table}")
     return 0
+
+
+def markdown(result: dict) -> list[str]:
+    """One benchmark's rows as a markdown table, headed by its name and machine."""
+    lines = [f"## {result.get('benchmark', '?')}", "", f"Machine: `{json.dumps(result.get('machine', {}))}`", ""]
+    rows = result.get("results", [])
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    if keys:
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows]
+    if result.get("note"):
+        lines += ["", result["note"]]
+    return lines + [""]
 
 
 if __name__ == "__main__":

@@ -67,7 +67,11 @@ def test_live_result_in_tiled_equals_offline(server, scan, predictor):
 def test_partial_coverage_grows_in_tiled(server, scan, predictor):
     client = from_uri(server.uri)
     slow = LiveOptions(batch_size=8, max_wait_s=0.05, publish_interval_s=3600, retry_s=0.1)
-    live = LiveReconstruction(predictor, scan.grid, TiledSink(client, "run-b"), {"raw_uid": "run-b"}, slow)
+    sink = TiledSink(client, "run-b")
+    sent = []  # (shape, offset) of each image the sink is given
+    publish = sink.publish
+    sink.publish = lambda image, md: (sent.append((image.weight.shape, image.offset)), publish(image, md))
+    live = LiveReconstruction(predictor, scan.grid, sink, {"raw_uid": "run-b"}, slow)
     rows = np.argsort(scan.positions_m[:, 0], kind="stable")
     live.submit(scan.frame_ids[rows[:12]], scan.frames[rows[:12]], scan.positions_m[rows[:12]])
     _wait_until(lambda: live.metadata["frames_done"] == 12)
@@ -82,9 +86,12 @@ def test_partial_coverage_grows_in_tiled(server, scan, predictor):
     assert live.wait(30)
     final, md = _read(client, "run-b")
     assert md["status"] == "complete"
-    # The arrays grew row-wise while the scan went on, and coverage grew.
-    assert first["weight"].shape[0] < final["weight"].shape[0] == scan.grid.shape[0]
+    # The arrays have the grid's shape from the first publish on; later ones patched in the rest.
+    assert first["weight"].shape == final["weight"].shape == scan.grid.shape
     assert (first["weight"] > 0).sum() < (final["weight"] > 0).sum()
+    assert sent[0] == (scan.grid.shape, (0, 0))  # the whole image once, then only the changed block
+    assert sent[-1][0] != scan.grid.shape and 0 < np.prod(sent[-1][0]) < np.prod(scan.grid.shape)
+    np.testing.assert_allclose(final["phase"], live.snapshot().phase, atol=1e-6)
 
 
 def test_bad_frames_are_dropped_counted_and_recorded(server, scan, predictor):

@@ -89,3 +89,30 @@ def test_windows():
     assert g.max() < 1 and np.allclose(g, g[::-1, ::-1])
     with pytest.raises(ValueError):
         patch_window(8, "hann")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_stitching_on_a_torch_device_matches_the_host(device):
+    """The device path (``index_add_`` where the predictions are) agrees with numpy's ``bincount`` path."""
+    torch = pytest.importorskip("torch")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    rng = np.random.default_rng(3)
+    n, grid = 16, ObjectGrid(shape=(80, 90), origin_m=(0.0, 0.0), pixel_size_m=1e-8)
+    positions = rng.uniform(12e-8, 66e-8, size=(40, 2))
+    positions[:4] = np.round(positions[:4] / 1e-8) * 1e-8  # integer corners too
+    amplitude = rng.random((40, n, n)).astype(np.float32)
+    phase = rng.uniform(-3, 3, (40, n, n)).astype(np.float32)
+    trust = rng.random(40)
+    window = patch_window(n)
+    images = []
+    for where in (None, device):
+        stitcher = PatchStitcher(grid, n, window, trust_window=window, device=where)
+        for part in np.array_split(np.arange(40), 3):
+            stitcher.add(amplitude[part], phase[part], positions[part], trust[part])
+        images.append((stitcher.snapshot(), stitcher.snapshot(stitcher.take_changed())))
+    (host, host_block), (dev, dev_block) = images
+    for key in ("amplitude", "phase", "weight", "trust"):
+        np.testing.assert_allclose(getattr(dev, key), getattr(host, key), atol=2e-5, equal_nan=True)
+        np.testing.assert_allclose(getattr(dev_block, key), getattr(host_block, key), atol=2e-5, equal_nan=True)
+    assert dev_block.offset == host_block.offset

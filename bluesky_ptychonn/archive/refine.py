@@ -67,9 +67,10 @@ def read_preview(client: Any, uid: str) -> tuple[StitchedImage, dict[str, Any]]:
     arrays = {}
     for key in ("amplitude", "phase", "weight"):
         array = np.asarray(node[key].read(), np.float32)
-        pad = grid.shape[0] - array.shape[0]  # a running result holds rows up to the last covered one
+        pad = grid.shape[0] - array.shape[0]  # results of earlier versions held rows up to the last covered one
         arrays[key] = np.pad(array, ((0, pad), (0, 0))) if pad > 0 else array
-    image = StitchedImage(**arrays, grid=grid, frames=int(metadata.get("frames_done") or 0))
+    frames = int(metadata.get("frames_done") or 0)
+    image = StitchedImage(arrays["amplitude"], arrays["phase"], arrays["weight"], grid=grid, frames=frames)
     return image, metadata
 
 

@@ -78,6 +78,8 @@ class LiveReconstruction:
             n,
             patch_window(n, self.options.window, width_fraction=self.options.window_width),
             trust_window=footprint,
+            # On a GPU the sums stay on it: host stitching ran 30x slower than inference there (`make bench`).
+            device=predictor.device if getattr(predictor.device, "type", "cpu") == "cuda" else None,
         )
         self.sink = sink
         self._frame_scores: list[FrameConsistency] = []
@@ -110,6 +112,7 @@ class LiveReconstruction:
         self._finished = threading.Event()
         self._published_final = threading.Event()
         self._first_frame: float | None = None
+        self._sink_has_image = False  # after a whole image is written, publishes send the changed block
         # Called with (image, metadata) when the final image cannot reach the sink, to keep it elsewhere.
         self.fallback: Callable[[StitchedImage, dict[str, Any]], Any] | None = None
         self._permanent: str | None = None  # why publishing can never succeed, if it cannot
@@ -185,6 +188,7 @@ class LiveReconstruction:
         if not self._finished.is_set():
             raise RuntimeError("write_final before the reconstruction finished")
         self.sink = sink
+        self._sink_has_image = False
         give_up_at = time.monotonic() + (self.options.final_retry_s if timeout_s is None else timeout_s)
         delay = self.options.retry_s
         while not self._publish():
@@ -397,7 +401,7 @@ class LiveReconstruction:
         """
         if self.fallback is None:
             return None
-        image, metadata = self._for_sink()
+        image, metadata = self._for_sink(changed_only=False)
         try:
             kept = self.fallback(image, metadata)
         except Exception as err:
@@ -406,11 +410,18 @@ class LiveReconstruction:
         logger.warning("run %s: image kept at %s", self.metadata.get("raw_uid"), kept)
         return kept
 
-    def _for_sink(self) -> tuple[StitchedImage, dict[str, Any]]:
-        """A snapshot of the image and a copy of the metadata, taken together under the lock."""
+    def _for_sink(self, *, changed_only: bool) -> tuple[StitchedImage, dict[str, Any]]:
+        """A snapshot and a copy of the metadata, taken together under the lock.
+
+        ``changed_only``: the block changed since the last publish (empty if none), which the sink
+        patches in at its offset, instead of the whole image; the block is forgotten here, and a
+        failed publish sends the whole image next time.
+        """
         with self._lock:
-            image = self.stitcher.snapshot()
-            self._summarise_trust()
+            if changed_only:
+                image = self.stitcher.snapshot(self.stitcher.take_changed() or (0, 0, 0, 0))
+            else:
+                image = self.stitcher.snapshot()
             metadata = {
                 **self.metadata,
                 "updated": time.time(),  # readers (and a restarted consumer) tell a live result from a stale one
@@ -423,11 +434,13 @@ class LiveReconstruction:
     def _publish(self) -> bool:
         if self.sink is None:
             return True
-        image, metadata = self._for_sink()
+        image, metadata = self._for_sink(changed_only=self._sink_has_image)
         t0 = time.perf_counter()
         try:
             self.sink.publish(image, metadata)
+            self._sink_has_image = True
         except Exception as err:  # Tiled down, network error: keep the image and retry
+            self._sink_has_image = False  # the whole image next time: the sink may hold part of this one
             self._permanent = permanent_error(err)
             logger.warning("run %s: publishing failed (%r); will retry", self.metadata.get("raw_uid"), err)
             return False

@@ -7,7 +7,9 @@ in any number of batches, and a snapshot can be taken at any time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +62,8 @@ class StitchedImage:
     grid: ObjectGrid
     frames: int
     trust: np.ndarray | None = None
+    #: Grid pixel of the arrays' first pixel: (0, 0) for the whole image, else a block of it.
+    offset: tuple[int, int] = (0, 0)
 
     def covered(self, fraction: float = 0.1) -> np.ndarray:
         """Mask of pixels whose weight is at least ``fraction`` of the maximum."""
@@ -82,16 +86,21 @@ class PatchStitcher:
         patch_pixels: int,
         window: np.ndarray | None = None,
         trust_window: np.ndarray | None = None,
+        device: Any = None,
     ) -> None:
         self.grid = grid
         self.n = patch_pixels
         self.window = self._checked(np.ones((patch_pixels, patch_pixels)) if window is None else window)
         self.trust_window = None if trust_window is None else self._checked(trust_window)
-        self._amp = np.zeros(grid.shape, np.float64)
-        self._phasor = np.zeros(grid.shape, np.complex128)
-        self._weight = np.zeros(grid.shape, np.float64)
-        self._trust = np.zeros(grid.shape, np.float64) if trust_window is not None else None
-        self._trust_weight = np.zeros(grid.shape, np.float64)
+        # On a torch device (a GPU) the sums live there, beside the predictions: no host round trip per batch.
+        self.device = device
+        zeros = _zeros_on(device, grid.shape)
+        self._amp = zeros(np.float64)
+        self._phasor = zeros(np.complex128)
+        self._weight = zeros(np.float64)
+        self._trust = zeros(np.float64) if trust_window is not None else None
+        self._trust_weight = zeros(np.float64)
+        self._changed: tuple[int, int, int, int] | None = None
         self.frames = 0
 
     def _checked(self, window: np.ndarray) -> np.ndarray:
@@ -123,43 +132,130 @@ class PatchStitcher:
                 f"got trust values {None if trust is None else np.shape(trust)} for {len(amplitude)} patches"
             )
         corners = self.grid.patch_corners(positions_m, self.n)
-        phasor = np.exp(1j * phase.astype(np.float64))
-        for k, (cy, cx) in enumerate(corners):
-            iy, ix = int(np.floor(cy)), int(np.floor(cx))
-            fy, fx = cy - iy, cx - ix
-            # Bilinear splat: the four integer shifts of the patch, weighted by their overlap.
-            for dy, wy in ((0, 1 - fy), (1, fy)):
-                for dx, wx in ((0, 1 - fx), (1, fx)):
-                    w = wy * wx
-                    if w < 1e-9:
-                        continue
-                    sl = (slice(iy + dy, iy + dy + self.n), slice(ix + dx, ix + dx + self.n))
-                    ww = w * self.window
-                    self._amp[sl] += ww * amplitude[k]
-                    self._phasor[sl] += ww * phasor[k]
-                    self._weight[sl] += ww
-                    if self._trust is not None and self.trust_window is not None and trust is not None:
-                        tw = w * self.trust_window
-                        self._trust[sl] += tw * float(trust[k])
-                        self._trust_weight[sl] += tw
+        on = _to(self.device)
+        window = on(self.window)
+        phasor = on(np.exp(1j * phase)) * window if self.device is None else _torch().polar(window, on(phase))
+        sums = [(self._amp, on(amplitude) * window), (self._phasor, phasor), (self._weight, window)]
+        if self._trust is not None and self.trust_window is not None and trust is not None:
+            trust_window = on(self.trust_window)
+            weighted = on(np.asarray(trust, np.float32)[:, None, None]) * trust_window
+            sums += [(self._trust, weighted), (self._trust_weight, trust_window)]
+        self._mark(_splat_add(sums, corners, self.n, self.device))
         self.frames += len(amplitude)
 
-    def snapshot(self) -> StitchedImage:
-        """The current image; pixels no patch has reached are 0 in all three arrays."""
-        covered = self._weight > 0
-        safe = np.where(covered, self._weight, 1.0)
-        amplitude = np.where(covered, self._amp / safe, 0.0)
-        phase = np.where(covered, np.angle(self._phasor), 0.0)
+    def _mark(self, block: tuple[int, int, int, int]) -> None:
+        """Grow the changed region (y0, y1, x0, x1) since the last :meth:`take_changed` by ``block``."""
+        if self._changed is None:
+            self._changed = block
+        else:
+            old = self._changed
+            self._changed = (min(old[0], block[0]), max(old[1], block[1]), min(old[2], block[2]), max(old[3], block[3]))
+
+    def take_changed(self) -> tuple[int, int, int, int] | None:
+        """The region (y0, y1, x0, x1) changed since the last call (None if nothing), and forget it.
+
+        A publisher that fails to write it gives it back with :meth:`mark_changed`.
+        """
+        block, self._changed = self._changed, None
+        return block
+
+    def mark_changed(self, block: tuple[int, int, int, int] | None) -> None:
+        """Mark ``block`` as changed again (its write failed)."""
+        if block is not None:
+            self._mark(block)
+
+    def snapshot(self, block: tuple[int, int, int, int] | None = None) -> StitchedImage:
+        """The current image, or its block (y0, y1, x0, x1); pixels no patch has reached are 0 in all three arrays."""
+        y0, y1, x0, x1 = block or (0, self.grid.shape[0], 0, self.grid.shape[1])
+        box = (slice(y0, y1), slice(x0, x1))
+        xp: Any = np if self.device is None else _torch()
+        weight = self._weight[box]
+        covered = weight > 0
+        safe = xp.where(covered, weight, 1.0)
+        amplitude = xp.where(covered, self._amp[box] / safe, 0.0)
+        phase = xp.where(covered, xp.angle(self._phasor[box]), 0.0)
         trust = None
         if self._trust is not None:
-            reached = self._trust_weight >= TRUST_MIN_FOOTPRINT
-            trust = np.where(reached, self._trust / np.where(reached, self._trust_weight, 1.0), np.nan)
-            trust = trust.astype(np.float32)
+            reached = self._trust_weight[box] >= TRUST_MIN_FOOTPRINT
+            trust = _host(xp.where(reached, self._trust[box] / xp.where(reached, self._trust_weight[box], 1.0), np.nan))
         return StitchedImage(
-            amplitude=amplitude.astype(np.float32),
-            phase=phase.astype(np.float32),
-            weight=self._weight.astype(np.float32),
+            amplitude=_host(amplitude),
+            phase=_host(phase),
+            weight=_host(weight),
             grid=self.grid,
             frames=self.frames,
             trust=trust,
+            offset=(y0, x0),
         )
+
+
+def _splat_add(
+    sums: list[tuple[Any, Any]], corners: np.ndarray, n: int, device: Any = None
+) -> tuple[int, int, int, int]:
+    """Add (N, n, n) patches (or one (n, n) patch for all) at fractional ``corners`` into (H, W) grids, bilinearly.
+
+    Each patch is spread over its four integer shifts as a (n+1, n+1) footprint, and the whole
+    batch goes in with one scatter-add per grid over the batch's bounding box (``bincount`` on the
+    host, ``index_add_`` on a torch device): no Python loop over frames. Returns the box (y0, y1, x0, x1).
+    """
+    height, width = sums[0][0].shape
+    iy = np.floor(corners[:, 0]).astype(np.int64)
+    ix = np.floor(corners[:, 1]).astype(np.int64)
+    on = _to(device)
+    fy = on((corners[:, 0] - iy).astype(np.float32)[:, None, None])
+    fx = on((corners[:, 1] - ix).astype(np.float32)[:, None, None])
+    y0, x0 = int(iy.min()), int(ix.min())
+    box_h, box_w = int(iy.max()) + n + 1 - y0, int(ix.max()) + n + 1 - x0
+    y1, x1 = min(y0 + box_h, height), min(x0 + box_w, width)  # a zero-weight last row/column may overhang
+    steps = np.arange(n + 1)
+    index = on((((iy - y0)[:, None, None] + steps[:, None]) * box_w + ((ix - x0)[:, None, None] + steps)).ravel())
+    for grid, patches in sums:
+        zeros = _zeros_on(device, ())
+        # Separable: spread over the two row shifts, then the two column shifts.
+        rows = zeros(patches.dtype, (len(corners), n + 1, n))
+        rows[:, :n] = (1 - fy) * patches
+        rows[:, 1:] += fy * patches
+        footprint = zeros(patches.dtype, (len(corners), n + 1, n + 1))
+        footprint[:, :, :n] = (1 - fx) * rows
+        footprint[:, :, 1:] += fx * rows
+        if device is None:
+            parts = [footprint.real, footprint.imag] if np.iscomplexobj(footprint) else [footprint]
+            summed = [np.bincount(index, part.ravel(), box_h * box_w) for part in parts]
+            box = summed[0] if len(summed) == 1 else summed[0] + 1j * summed[1]
+        else:
+            box = zeros(grid.dtype, (box_h * box_w,)).index_add_(0, index, footprint.reshape(-1).to(grid.dtype))
+        grid[y0:y1, x0:x1] += box.reshape(box_h, box_w)[: y1 - y0, : x1 - x0]
+    return y0, y1, x0, x1
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _to(device: Any) -> Callable[[Any], Any]:
+    """A function putting a numpy array where the stitcher computes (itself on the host)."""
+    if device is None:
+        return np.asarray
+    return lambda a: _torch().as_tensor(np.asarray(a), device=device)
+
+
+def _zeros_on(device: Any, shape: tuple[int, ...]) -> Callable[..., Any]:
+    """``zeros(dtype, shape=shape)``: a zero array on the host or the torch device (numpy or torch dtype)."""
+    if device is None:
+        return lambda dtype, size=shape: np.zeros(size, dtype)
+    torch = _torch()
+
+    def zeros(dtype: Any, size: tuple[int, ...] = shape) -> Any:
+        kind = dtype if isinstance(dtype, torch.dtype) else getattr(torch, np.dtype(dtype).name)
+        return torch.zeros(size, dtype=kind, device=device)
+
+    return zeros
+
+
+def _host(array: Any) -> np.ndarray:
+    """float32 numpy, from either side."""
+    if isinstance(array, np.ndarray):
+        return array.astype(np.float32)
+    return array.float().cpu().numpy()

@@ -1,10 +1,9 @@
 """The Tiled sink: one run's result at ``processed/<raw uid>/<name>`` on a Tiled server.
 
 ``amplitude``, ``phase`` and ``weight`` (and ``trust``, when the reconstruction keeps a trust map)
-are 2-D float32 arrays with dims (y, x). They are
-written from the first row to the last covered row and then grown and patched: each publish
-sends only the band of rows whose weight changed, extending the arrays when the scan has moved
-on to new rows, so a reader polling Tiled sees the image grow while the scan runs.
+are 2-D float32 arrays with dims (y, x), written whole (the grid's shape) at the first publish;
+later publishes patch in only the block that changed since (the image's ``offset``), so a reader
+polling Tiled sees the covered part grow while the scan runs.
 
 Tiled has no transaction over several arrays, so a publish is bracketed as a sequence lock: the
 metadata's ``publish_seq`` is odd while the arrays are being patched and even once they all hold
@@ -52,8 +51,6 @@ class TiledSink:
         self.name = name
         self.replace = replace
         self._node: Any = None
-        self._rows = 0  # rows now in Tiled
-        self._sent_weight: np.ndarray | None = None  # weight as last written, to find changed rows
         self._seq = 0  # publish_seq as last written: odd while arrays are being patched
 
     @property
@@ -69,43 +66,42 @@ class TiledSink:
             run[self.name].delete(recursive=True, external_only=False)
         if self.name in run:
             node = run[self.name]
-            self._rows = node["amplitude"].shape[0] if "amplitude" in node else 0
             self._seq = int(node.metadata.get("publish_seq") or 0)
         else:
             # Created as running: readers go by status, and the arrays are not there yet.
             node = run.create_container(self.name, metadata={**metadata, "status": "running"})
-            self._rows = 0
         self._node = node
         return node
 
     def publish(self, image: StitchedImage, metadata: dict[str, Any]) -> None:
-        """Write what changed since the last successful publish, then the metadata."""
+        """Write the image (whole, or a block of it at ``image.offset``), then the metadata.
+
+        A block is patched into arrays already there; an array missing or of another shape is
+        written whole, which needs the whole image (else :class:`ValueError`, and the caller sends
+        the whole image next).
+        """
         metadata = jsonable(metadata)
         node = self._container(metadata)
-        final = metadata.get("status") != "running"
-        covered_rows = np.flatnonzero(image.weight.any(axis=1))
-        rows = image.weight.shape[0] if final or not len(covered_rows) else int(covered_rows[-1]) + 1
-        if self._sent_weight is None or self._rows == 0:
-            first = 0
-        else:
-            changed = np.flatnonzero((image.weight != self._sent_weight).any(axis=1))
-            first = min(int(changed[0]) if len(changed) else rows, self._rows)
         keys = ARRAYS + (("trust",) if image.trust is not None else ())
-        self._seq += 1 + self._seq % 2  # odd: readers of the arrays wait or retry
-        node.update_metadata({"publish_seq": self._seq})
-        for key in keys:
-            if self._rows == 0 or key not in node:
-                if key in node:  # left by a publish that failed half way
-                    node[key].delete(external_only=False)
-                node.write_array(np.ascontiguousarray(getattr(image, key)[:rows]), key=key, dims=("y", "x"))
-            elif first < rows:
-                block = np.ascontiguousarray(getattr(image, key)[first:rows])
-                node[key].patch(block, offset=(first, 0), extend=rows > self._rows)
-        if "trust" in node and "trust" not in keys:  # a replaced result's trust map would not match
-            node["trust"].delete(external_only=False)
-        self._rows = max(self._rows, rows)
-        self._sent_weight = image.weight.copy()
-        self._seq += 1
+        shape = tuple(image.grid.shape)
+        whole = image.weight.shape == shape
+        stale = [key for key in keys if key not in node or tuple(node[key].shape) != shape]
+        if stale and not whole:
+            raise ValueError(f"{self.path}: {stale} must be written whole before a block can be patched in")
+        if image.weight.size:
+            self._seq += 1 + self._seq % 2  # odd: readers of the arrays wait or retry
+            node.update_metadata({"publish_seq": self._seq})
+            for key in keys:
+                data = np.ascontiguousarray(getattr(image, key))
+                if key in stale:
+                    if key in node:  # left by a publish that failed half way, or another grid's
+                        node[key].delete(external_only=False)
+                    node.write_array(data, key=key, dims=("y", "x"))
+                else:
+                    node[key].patch(data, offset=image.offset)
+            if "trust" in node and "trust" not in keys:  # a replaced result's trust map would not match
+                node["trust"].delete(external_only=False)
+            self._seq += 1
         node.update_metadata({**metadata, "publish_seq": self._seq})
 
     def write_metadata(self, metadata: dict[str, Any]) -> None:

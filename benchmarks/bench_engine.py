@@ -1,0 +1,81 @@
+"""The live engine without documents or Tiled: frames submitted in memory -> preprocessing, inference, trust, stitching.
+
+End-to-end through the RunEngine and Tiled is ``bench_live``; this isolates the analysis's own
+overhead: frames per second of :class:`~bluesky_ptychonn.core.engine.LiveReconstruction` (the
+shipped base model, trust map on, no sink) against the same Predictor's model-only rate at the same
+batch size, and the seconds per frame each stage took. Runs on every device present.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from bluesky_ptychonn.core.base_model import base_model_path
+from bluesky_ptychonn.core.config import DetectorGeometry
+from bluesky_ptychonn.core.engine import LiveOptions, LiveReconstruction
+from bluesky_ptychonn.core.geometry import ObjectGrid
+from bluesky_ptychonn.core.inference import Predictor
+from bluesky_ptychonn.core.preprocess import preprocess
+from bluesky_ptychonn.sim.physics import simulate_scan
+
+from machine import describe, device_name
+
+
+def devices() -> list[str]:
+    """The devices to measure: ``$BENCH_DEVICES`` (comma-separated), else the CPU and CUDA when present."""
+    named = os.environ.get("BENCH_DEVICES")
+    if named:
+        return named.split(",")
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def run(quick: bool = False) -> dict:
+    geometry = DetectorGeometry(frame_pixels=64)
+    scan = simulate_scan(geometry=geometry, scan_shape=(32, 32))
+    results = []
+    for name in devices():
+        machine = describe(name)
+        predictor = Predictor.from_checkpoint(base_model_path(), device=name)
+        batch = 64 if name == "cpu" else 1024
+        predictor.batch_size = batch
+        repeats = 1 if (quick or name == "cpu") else 20  # frames: 1,024 per repeat
+        frames = np.concatenate([scan.frames] * repeats)
+        positions = np.concatenate([scan.positions_m] * repeats)
+        pixel_size_m = predictor.info.recipe.pixel_size_m(geometry)
+        grid = ObjectGrid.covering(scan.positions_m, pixel_size_m, predictor.patch_pixels)
+        x = preprocess(frames[:batch], predictor.info.recipe)
+        predictor.predict_preprocessed(x)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(max(1, len(frames) // batch)):
+            predictor.predict_preprocessed(x)
+        model_only = max(1, len(frames) // batch) * batch / (time.perf_counter() - t0)
+
+        options = LiveOptions(batch_size=batch, max_wait_s=0.05, max_queued_frames=len(frames))
+        live = LiveReconstruction(predictor, grid, None, {"raw_uid": "bench"}, options, probe=scan.probe)
+        t0 = time.perf_counter()
+        for s in range(0, len(frames), batch):
+            live.submit(np.arange(s, s + batch), frames[s : s + batch], positions[s : s + batch])
+        live.finish()
+        live.wait()
+        engine = len(frames) / (time.perf_counter() - t0)
+        per_frame = {k: round(v / len(frames) * 1e6, 1) for k, v in live.timings.items() if k != "publish_s"}
+        row = {
+            "device": device_name(machine),
+            "precision": predictor.precision,
+            "batch": batch,
+            "frames": len(frames),
+            "engine_frames_per_s": round(engine, 1),
+            "model_only_frames_per_s": round(model_only, 1),
+            "ratio": round(engine / model_only, 3),
+            **{f"{k.removesuffix('_s')}_us_per_frame": v for k, v in per_frame.items()},
+        }
+        results.append(row)
+        print(
+            f"   {name}: engine {engine:.0f} frames/s vs model only {model_only:.0f} frames/s "
+            f"(ratio {row['ratio']:.2f}); per frame (us): {per_frame}"
+        )
+    return {"benchmark": "live engine in memory", "machine": describe(devices()[-1]), "results": results}
