@@ -22,6 +22,7 @@ def family_model(quick: bool = False, device: str = "auto"):
     from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe, TrainConfig
     from bluesky_ptychonn.core.inference import Predictor
     from bluesky_ptychonn.core.training import TrainingSet, fit
+    from bluesky_ptychonn.errors import CheckpointError
     from bluesky_ptychonn.files.datasets import training_set_from_scan
     from bluesky_ptychonn.files.scanfile import ScanData
     from bluesky_ptychonn.sim.physics import simulate_scan
@@ -33,7 +34,10 @@ def family_model(quick: bool = False, device: str = "auto"):
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = HERE / "results" / "models" / f"family-{key}.safetensors"
     if path.exists():
-        return Predictor.from_checkpoint(path, device=device)
+        try:
+            return Predictor.from_checkpoint(path, device=device)
+        except CheckpointError as err:  # written by an older version (another hash), or damaged: train again
+            print(f"   {err}; training again")
     parts = []
     for seed in TRAIN_SEEDS:
         s = simulate_scan(object_seed=seed, scan_shape=(rows, rows), noise_seed=seed)

@@ -51,6 +51,7 @@ class TiledSink:
         self.name = name
         self.replace = replace
         self._node: Any = None
+        self._arrays: dict[str, Any] | None = None  # the result's array clients, as last known
         self._seq = 0  # publish_seq as last written: odd while arrays are being patched
 
     @property
@@ -84,25 +85,31 @@ class TiledSink:
         node = self._container(metadata)
         keys = ARRAYS + (("trust",) if image.trust is not None else ())
         shape = tuple(image.grid.shape)
-        whole = image.weight.shape == shape
-        stale = [key for key in keys if key not in node or tuple(node[key].shape) != shape]
-        if stale and not whole:
+        if self._arrays is None:  # asked of the server once; every request costs a round trip per publish
+            self._arrays = {key: node[key] for key in (*ARRAYS, "trust") if key in node}
+        arrays = self._arrays
+        stale = [key for key in keys if key not in arrays or tuple(arrays[key].shape) != shape]
+        if stale and image.weight.shape != shape:
             raise ValueError(f"{self.path}: {stale} must be written whole before a block can be patched in")
-        if image.weight.size:
-            self._seq += 1 + self._seq % 2  # odd: readers of the arrays wait or retry
-            node.update_metadata({"publish_seq": self._seq})
-            for key in keys:
-                data = np.ascontiguousarray(getattr(image, key))
-                if key in stale:
-                    if key in node:  # left by a publish that failed half way, or another grid's
-                        node[key].delete(external_only=False)
-                    node.write_array(data, key=key, dims=("y", "x"))
-                else:
-                    node[key].patch(data, offset=image.offset)
-            if "trust" in node and "trust" not in keys:  # a replaced result's trust map would not match
-                node["trust"].delete(external_only=False)
-            self._seq += 1
-        node.update_metadata({**metadata, "publish_seq": self._seq})
+        try:
+            if image.weight.size:
+                self._seq += 1 + self._seq % 2  # odd: readers of the arrays wait or retry
+                node.update_metadata({"publish_seq": self._seq})
+                for key in keys:
+                    data = np.ascontiguousarray(getattr(image, key))
+                    if key in stale:
+                        if key in arrays:  # left by a publish that failed half way, or another grid's
+                            arrays.pop(key).delete(external_only=False)
+                        arrays[key] = node.write_array(data, key=key, dims=("y", "x"))
+                    else:
+                        arrays[key].patch(data, offset=image.offset)
+                if "trust" in arrays and "trust" not in keys:  # a replaced result's trust map would not match
+                    arrays.pop("trust").delete(external_only=False)
+                self._seq += 1
+            node.update_metadata({**metadata, "publish_seq": self._seq})
+        except Exception:
+            self._arrays = None  # what the server holds is uncertain now: ask again next time
+            raise
 
     def write_metadata(self, metadata: dict[str, Any]) -> None:
         """Metadata only: a result that never got an image (it failed), or one whose image is yet to come."""
