@@ -154,15 +154,10 @@ class PatchStitcher:
     def take_changed(self) -> tuple[int, int, int, int] | None:
         """The region (y0, y1, x0, x1) changed since the last call (None if nothing), and forget it.
 
-        A publisher that fails to write it gives it back with :meth:`mark_changed`.
+        A publisher that fails to write it sends the whole image next (see the live engine).
         """
         block, self._changed = self._changed, None
         return block
-
-    def mark_changed(self, block: tuple[int, int, int, int] | None) -> None:
-        """Mark ``block`` as changed again (its write failed)."""
-        if block is not None:
-            self._mark(block)
 
     def snapshot(self, block: tuple[int, int, int, int] | None = None) -> StitchedImage:
         """The current image, or its block (y0, y1, x0, x1); pixels no patch has reached are 0 in all three arrays."""
