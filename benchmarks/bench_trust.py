@@ -81,4 +81,9 @@ def run(quick: bool = False) -> dict:
             f"median trust {row['trust_median']:.3f} (noise floor {row['noise_floor_median']:.3f}); "
             f"flagged {row['frames_flagged']}/{row['frames']} frames (threshold {row['threshold']})"
         )
-    return {"machine": machine, "model_hash": predictor.info.content_hash, "results": results}
+    return {
+        "benchmark": "trust map against the true error",
+        "machine": machine,
+        "model_hash": predictor.info.content_hash,
+        "results": results,
+    }

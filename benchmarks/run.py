@@ -13,7 +13,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_inference", "bench_engine", "bench_acquisition", "bench_live", "bench_trust", "bench_refine"]
+BENCHMARKS = [
+    "bench_inference",
+    "bench_engine",
+    "bench_acquisition",
+    "bench_live",
+    "bench_consumer",
+    "bench_trust",
+    "bench_refine",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,10 +53,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(result: dict) -> list[str]:
-    """One benchmark's rows as a markdown table, headed by its name and machine."""
+    """One benchmark's rows as a markdown table, headed by its name and machine.
+
+    Columns holding lists or tables (per-epoch curves, nested quality figures) stay in the JSON only.
+    """
     lines = [f"## {result.get('benchmark', '?')}", "", f"Machine: `{json.dumps(result.get('machine', {}))}`", ""]
     rows = result.get("results", [])
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+    keys = [
+        k
+        for k in dict.fromkeys(k for row in rows for k in row)
+        if not any(isinstance(row.get(k), list | dict) for row in rows)
+    ]
     if keys:
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows]

@@ -72,6 +72,10 @@ def test_partial_coverage_grows_in_tiled(server, scan, predictor):
     publish = sink.publish
     sink.publish = lambda image, md: (sent.append((image.weight.shape, image.offset)), publish(image, md))
     live = LiveReconstruction(predictor, scan.grid, sink, {"raw_uid": "run-b"}, slow)
+    # Prepared before any frame: the result and its empty arrays, so the first image is only a patch.
+    _wait_until(lambda: "weight" in client["processed"].get("run-b", {}).get("ptychonn", {}))
+    empty, md = _read(client, "run-b")
+    assert md["status"] == "running" and not empty["weight"].any() and empty["weight"].shape == scan.grid.shape
     rows = np.argsort(scan.positions_m[:, 0], kind="stable")
     live.submit(scan.frame_ids[rows[:12]], scan.frames[rows[:12]], scan.positions_m[rows[:12]])
     _wait_until(lambda: live.metadata["frames_done"] == 12)
@@ -86,11 +90,11 @@ def test_partial_coverage_grows_in_tiled(server, scan, predictor):
     assert live.wait(30)
     final, md = _read(client, "run-b")
     assert md["status"] == "complete"
-    # The arrays have the grid's shape from the first publish on; later ones patched in the rest.
+    # The arrays have the grid's shape from the start; each publish patched in only the block that changed.
     assert first["weight"].shape == final["weight"].shape == scan.grid.shape
     assert (first["weight"] > 0).sum() < (final["weight"] > 0).sum()
-    assert sent[0] == (scan.grid.shape, (0, 0))  # the whole image once, then only the changed block
-    assert sent[-1][0] != scan.grid.shape and 0 < np.prod(sent[-1][0]) < np.prod(scan.grid.shape)
+    assert all(0 < np.prod(shape) < np.prod(scan.grid.shape) for shape, _ in sent)
+    assert sent[0][1] != sent[-1][1]
     np.testing.assert_allclose(final["phase"], live.snapshot().phase, atol=1e-6)
 
 

@@ -575,7 +575,10 @@ def test_the_0mq_proxy_with_curve_admits_only_known_keys_and_survives_a_restart(
         for doc in (start, desc, ("event_page", first)):
             publisher(*doc)
         uid = start[1]["uid"]
-        while uid not in consumer.callback.runs or consumer.callback.runs[uid].live._arrived != set(range(8)):
+        # (the run's reconstruction exists once its descriptor is handled: `live` is None until then)
+        while uid not in consumer.callback.runs or getattr(consumer.callback.runs[uid].live, "_arrived", None) != set(
+            range(8)
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         proxy.terminate()

@@ -82,4 +82,3 @@ def test_a_live_reconstruction_on_the_gpu_matches_the_cpu_one(scan, reference):
     assert live.wait(60)
     assert live.metadata["status"] == "complete" and live.metadata["frames_done"] == len(ids)
     _within_tolerance(live.snapshot(), reference)
-

@@ -17,7 +17,7 @@ from tiled.queries import Key
 
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
 from bluesky_ptychonn.archive.replay import replay_run, replay_runs
-from bluesky_ptychonn.archive.runs import select, selection, where
+from bluesky_ptychonn.archive.runs import queries_for, select, select_matching, where
 from bluesky_ptychonn.archive.servers import subscribe_archive
 from bluesky_ptychonn.cli import main
 from bluesky_ptychonn.core.engine import LiveOptions
@@ -81,7 +81,7 @@ def test_query_through_databroker_selects_exactly_the_intended_runs(tiled_server
     (d,) = run_engine(ptycho_fly_scan(detector, stage, **scan, md={"campaign": "other", "operator": "ada"}))
 
     def picked(uids=(), conditions=(), **options):
-        return {run.metadata["start"]["uid"] for run in select(raw, selection(uids, conditions, **options))}
+        return {run.metadata["start"]["uid"] for run in select_matching(raw, uids, queries_for(conditions, **options))}
 
     assert picked(conditions=[f"start.campaign={tag}"]) == {a, b, c}
     assert picked(conditions=[f"start.campaign={tag}", "start.operator=ada"]) == {a, c}
@@ -90,7 +90,10 @@ def test_query_through_databroker_selects_exactly_the_intended_runs(tiled_server
     assert picked(conditions=[f"start.campaign={tag}", "sample_id=test-small"]) == {a, b}
     assert picked(conditions=["frame_pixels=32", "start.operator=ada", "start.campaign=other"]) == {d}
     t_a, t_b = raw[a].metadata["start"]["time"], raw[b].metadata["start"]["time"]
-    assert picked([b], [f"start.campaign={tag}"], until=_iso(t_a + 1e-3)) == {a, b}  # a uid plus a group
+    # Uids with conditions: the named runs, each checked against every condition.
+    assert picked([a[:8], b], [f"start.campaign={tag}"]) == {a, b}
+    with pytest.raises(RunError, match=f"{b[:8]} do not meet"):
+        picked([a, b], [f"start.campaign={tag}"], until=_iso(t_a + 1e-3))
     assert {run.metadata["start"]["uid"] for run in select(raw, [Key("campaign") == tag, a[:8]])} == {a, b, c}
     (x,) = select(raw, [(Key("campaign") == tag, TimeRange(since=t_a + 1e-3, until=t_b + 1e-3))])
     assert x.metadata["start"]["uid"] == b
@@ -110,7 +113,7 @@ def test_bad_selections_and_runs_are_errors_naming_the_run(tiled_server, archive
     with pytest.raises(RunError, match=missing):
         replay_runs(raw, [missing], predictor, progress=False)
     with pytest.raises(RunError, match="matches no run"):
-        select(raw, selection(conditions=[f"start.campaign={uuid.uuid4().hex}"]))
+        select_matching(raw, [], queries_for([f"start.campaign={uuid.uuid4().hex}"]))
     with pytest.raises(RunError, match="does not name one run"):
         select(raw, ["abc"])  # too short to be a partial uid
     (count,) = run_engine(bp.count([det], 2))
@@ -119,9 +122,9 @@ def test_bad_selections_and_runs_are_errors_naming_the_run(tiled_server, archive
     with pytest.raises(RunError, match=f"run {count}"):
         replay_run(raw[count], predictor, tiled_server.client)
     with pytest.raises(ConfigurationError, match="KEY=VALUE"):
-        selection(conditions=["sample_id"])
+        queries_for(["sample_id"])
     with pytest.raises(ConfigurationError, match="name runs"):
-        selection()
+        select_matching(raw, [], [])
     with pytest.raises(ConfigurationError, match="CatalogOfBlueskyRuns"):
         select(tiled_server.client, [count])  # the root, not the catalog of runs
 

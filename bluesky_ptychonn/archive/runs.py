@@ -1,8 +1,9 @@
 """Archived runs through Tiled and databroker: selecting them, and reading their frames and positions.
 
 Runs are named by uid (full or at least 5 leading characters) or selected by Tiled queries on their
-start documents (:func:`where`, :func:`selection`, :func:`select`); frames, positions and frame ids
-are read through the Tiled client (:func:`scan_from_run`), never by opening the detector's files.
+start documents (:func:`where`, :func:`queries_for`, :func:`select`, :func:`select_matching`); frames,
+positions and frame ids are read through the Tiled client (:func:`scan_from_run`), never by opening
+the detector's files.
 Every problem with a run (unknown uid, a query that selects nothing, not a ptychography run) is a
 :class:`~bluesky_ptychonn.errors.RunError` naming the run or the query.
 """
@@ -45,15 +46,14 @@ def where(condition: str) -> Any:
     return Key(key if "." in key else f"{schema.SECTION}.{key}") == value
 
 
-def selection(
-    uids: Sequence[str] = (),
+def queries_for(
     conditions: Sequence[str] = (),
     *,
     since: str | None = None,
     until: str | None = None,
     plan_name: str | None = None,
 ) -> list[Any]:
-    """Items for :func:`select`: each uid, plus one group of queries that must all hold.
+    """Tiled queries for ``KEY=VALUE`` conditions, a time range and a plan name (all to hold together).
 
     ``since`` and ``until`` are ISO 8601 times (local time when no zone is given); ``until`` is exclusive.
     """
@@ -70,12 +70,28 @@ def selection(
             queries.append(TimeRange(since=stamps[0], until=stamps[1]))
         except ValueError as err:
             raise ConfigurationError(f"--since/--until must be ISO 8601 times in order: {err}") from err
-    items: list[Any] = list(uids)
-    if queries:
-        items.append(tuple(queries))
-    if not items:
+    return queries
+
+
+def select_matching(catalog: Any, uids: Sequence[str], queries: Sequence[Any]) -> list[Any]:
+    """The runs named by ``uids`` (any of them), each meeting every query; with no uid, every run that does.
+
+    A named run that misses a condition is a :class:`RunError` naming it, never silently left out,
+    and a selection by conditions alone must match a run: a typo does not act on nothing quietly.
+    """
+    if not uids and not queries:
         raise ConfigurationError("name runs by uid or select them with KEY=VALUE, --since, --until or --plan-name")
-    return items
+    if not uids:
+        return select(catalog, [tuple(queries)])
+    runs = select(catalog, list(uids))
+    if queries:
+        found = catalog
+        for query in queries:
+            found = found.search(query)
+        missing = [run.metadata["start"]["uid"] for run in runs if run.metadata["start"]["uid"] not in found]
+        if missing:
+            raise RunError(f"runs {', '.join(u[:8] for u in missing)} do not meet the conditions {list(queries)!r}")
+    return runs
 
 
 def select(catalog: Any, uids_or_queries: Iterable[Any]) -> list[Any]:
@@ -87,7 +103,7 @@ def select(catalog: Any, uids_or_queries: Iterable[Any]) -> list[Any]:
         The ``raw`` catalog (``tiled.client.from_uri(...)["raw"]``).
     uids_or_queries : iterable
         Each item a uid (full or at least 5 leading characters), a Tiled query, or a tuple of
-        queries that must all hold (e.g. from :func:`selection`).
+        queries that must all hold (e.g. from :func:`queries_for`); the union of the items.
 
     Raises
     ------

@@ -19,10 +19,14 @@ from ..errors import ConfigurationError
 from ..tiled_paths import ITERATIVE, PTYCHONN, processed_path
 from .options import (
     API_KEY_ENV,
+    add_command,
     add_field,
     add_network_options,
     add_selection_arguments,
+    add_tiled_arguments,
     add_training_options,
+    connect_from_args,
+    model_file,
     runs_from_args,
     training_config,
 )
@@ -30,7 +34,14 @@ from .options import (
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``serve``, ``replay``, ``iterative``, ``refine``, ``train-runs``, ``fine-tune`` and ``restore``."""
-    p = sub.add_parser("serve", help="run a persistent Tiled server with the 'raw' catalog of Bluesky runs")
+    p = add_command(
+        sub,
+        "serve",
+        "run a persistent Tiled server with the 'raw' catalog of Bluesky runs",
+        """  TILED_API_KEY=secret bluesky-ptychonn serve ./archive -r ./data
+  bluesky-ptychonn serve ./archive -r ./data --api-key-file key.txt --host 0.0.0.0 --public""",
+        "Its web UI answers at http://HOST:PORT/ui/ once it runs.",
+    )
     p.add_argument("directory", type=Path, help="folder for the catalog, array data and tables")
     p.add_argument(
         "-r",
@@ -53,30 +64,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     # option's value, and would take --api-key as an abbreviation of --api-key-file).
     p.add_argument("--api-key", nargs="?", const="", default=None, help=argparse.SUPPRESS)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--public", action="store_true", help="allow anonymous reads (writes still need the key)")
     p.set_defaults(func=serve)
 
-    p = sub.add_parser("replay", help="reconstruct archived runs again with a model, reading them through Tiled")
+    p = add_command(
+        sub,
+        "replay",
+        "reconstruct archived runs again with a model, reading them through Tiled",
+        """  bluesky-ptychonn replay 3f2a9c1e --checkpoint model.safetensors
+  bluesky-ptychonn replay sample_id=sim-features-0 --since 2026-11-01 --checkpoint default-64 --dry-run
+  bluesky-ptychonn replay 3f2a9c1e --checkpoint model.safetensors --name ptychonn-v2 --refine""",
+        "The result replaces processed/<uid>/<name> (--keep refuses to); --dry-run first lists the runs a "
+        "selection would replace.",
+    )
     add_selection_arguments(p)
-    p.add_argument("--checkpoint", type=Path, required=True, help="the model (.safetensors)")
+    p.add_argument(
+        "--checkpoint", required=True, help="the model (.safetensors), or a shipped base model's name (default-64)"
+    )
     p.add_argument("--name", default=PTYCHONN, help=f"result name under processed/<uid> (default {PTYCHONN})")
     p.add_argument("--keep", action="store_true", help="refuse to replace an existing result")
     add_field(p, "--batch-size", LiveOptions, "batch_size")
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:n]'")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:n]' (default: auto)")
     p.add_argument(
         "--refine", action="store_true", help="then refine each run with pty-chi from its new image (see `refine`)"
     )
     p.set_defaults(func=replay)
 
-    p = sub.add_parser("iterative", help="reconstruct archived runs with pty-chi into processed/<uid>/iterative")
+    p = add_command(
+        sub,
+        "iterative",
+        "reconstruct archived runs with pty-chi into processed/<uid>/iterative",
+        """  bluesky-ptychonn iterative 3f2a9c1e --engine epie --epochs 100
+  bluesky-ptychonn iterative sample_id=sim-features-0 --device cpu""",
+        "The reference images (and training labels) of `train-runs --labels iterative`.",
+    )
     add_selection_arguments(p)
     add_iterative_options(p, "--")
     p.add_argument("--photons-per-frame", type=float, default=None, help="flux (default: the run's metadata)")
     p.set_defaults(func=iterative)
 
-    p = sub.add_parser(
-        "refine", help="refine archived runs with pty-chi from their PtychoNN image into processed/<uid>/refined"
+    p = add_command(
+        sub,
+        "refine",
+        "refine archived runs with pty-chi from their PtychoNN image into processed/<uid>/refined",
+        """  bluesky-ptychonn refine 3f2a9c1e
+  bluesky-ptychonn refine sample_id=sim-features-0 --seed flat --epochs 300 --tolerance 0.001""",
     )
     add_selection_arguments(p)
     add_iterative_options(p, "--", defaults=REFINE_OPTIONS)
@@ -88,12 +121,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="start from processed/<uid>/ptychonn, or from a flat object (default: ptychonn)",
     )
     p.add_argument(
-        "--checkpoint", type=Path, default=None, help="model to replay a run with when it has no PtychoNN result"
+        "--checkpoint",
+        default=None,
+        help="model (file or base model name) to replay a run with when it has no PtychoNN result",
     )
     p.add_argument("--photons-per-frame", type=float, default=None, help="flux (default: the run's metadata)")
     p.set_defaults(func=refine)
 
-    p = sub.add_parser("train-runs", help="train a model on prior runs selected in the Tiled catalog")
+    p = add_command(
+        sub,
+        "train-runs",
+        "train a model on prior runs selected in the Tiled catalog",
+        """  bluesky-ptychonn train-runs sample_id=sim-features-0 --labels iterative --out model.safetensors
+  bluesky-ptychonn train-runs --since 2026-11-01 --labels truth --from-scratch --network small --out m.safetensors""",
+        "Starts from the shipped base model for the runs' geometry when there is one (--from-scratch: random "
+        "weights); the model is registered at models/<content hash> in Tiled.",
+    )
     _add_run_training(p)
     p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors), atomically")
     add_network_options(p, transforms=("sqrt", "log1p", "none"))
@@ -107,7 +150,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_training_options(p)
     p.set_defaults(func=train_runs)
 
-    p = sub.add_parser("fine-tune", help="continue training a model on the newest runs; replace it atomically")
+    p = add_command(
+        sub,
+        "fine-tune",
+        "continue training a model on the newest runs; replace it atomically",
+        """  bluesky-ptychonn fine-tune model.safetensors sample_id=sim-features-0 --newest 2 --labels iterative
+  bluesky-ptychonn fine-tune model.safetensors --newest 2 --labels iterative sample_id=sim-features-0
+  bluesky-ptychonn fine-tune default-64 3f2a9c1e --self-supervised --minutes 5 --out run.safetensors""",
+    )
     p.add_argument(
         "checkpoint",
         help=f"the model to start from (and, without --out, to replace), or a shipped base model ({DEFAULT_BASE})",
@@ -124,21 +174,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_training_options(p, epochs=FINE_TUNE_EPOCHS, learning_rate=FINE_TUNE_LEARNING_RATE)
     p.set_defaults(func=fine_tune)
 
-    p = sub.add_parser("restore", help="write runs and live images backed up during a Tiled outage into Tiled")
-    p.add_argument("directory", type=Path, help="the backup folder (subscribe_archive's, [callback] backup_dir)")
-    p.add_argument("--tiled-uri", required=True, help="Tiled server root URI")
-    p.add_argument(
-        "--api-key-env", default=API_KEY_ENV, help=f"environment variable with the API key (default {API_KEY_ENV})"
+    p = add_command(
+        sub,
+        "restore",
+        "write runs and live images backed up during a Tiled outage into Tiled",
+        """  bluesky-ptychonn restore ./backup --tiled-uri http://127.0.0.1:8000""",
+        "Backups that cannot be written stay in the folder for the next try.",
     )
+    p.add_argument("directory", type=Path, help="the backup folder (subscribe_archive's, [callback] backup_dir)")
+    add_tiled_arguments(p)
     p.set_defaults(func=restore)
 
 
 def restore(args: argparse.Namespace) -> dict:
     """``restore``: write every backup in the folder into Tiled; failures stay for the next try."""
     from ..archive.backup import restore_backups
-    from ..archive.servers import connect
 
-    client, _ = connect(args.tiled_uri, api_key=os.environ.get(args.api_key_env) or None)
+    client, _ = connect_from_args(args)
     return {"restored": restore_backups(client, args.directory)}
 
 
@@ -237,7 +289,7 @@ def replay(args: argparse.Namespace) -> list[dict]:
     from ..core.inference import Predictor
 
     client, raw, items = runs_from_args(args)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    predictor = Predictor.from_checkpoint(model_file(args.checkpoint), device=args.device)
     results = replay_runs(
         raw,
         items,
@@ -291,7 +343,9 @@ def refine(args: argparse.Namespace) -> list[dict]:
     from ..core.inference import Predictor
 
     client, raw, items = runs_from_args(args)
-    predictor = None if args.checkpoint is None else Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    predictor = (
+        None if args.checkpoint is None else Predictor.from_checkpoint(model_file(args.checkpoint), device=args.device)
+    )
     results = refine_runs(
         raw,
         items,
@@ -363,7 +417,7 @@ def fine_tune(args: argparse.Namespace) -> dict:
         from ..archive.training import adapt_to_run
 
         if len(items) != 1:
-            raise ConfigurationError(f"--self-supervised adapts to one run; {len(items)} selections were given")
+            raise ConfigurationError(f"--self-supervised adapts to one run; the selection matched {len(items)}")
         _, info = adapt_to_run(
             args.checkpoint, raw, items[0], out=args.out, minutes=args.minutes, client=client, device=args.device
         )

@@ -11,27 +11,50 @@ from typing import Any
 
 from ..core.config import DetectorGeometry
 from ..core.pretrain import StreamConfig
-from .options import add_field, add_network_options, add_training_options, training_config
+from .options import (
+    add_command,
+    add_field,
+    add_network_options,
+    add_training_options,
+    model_file,
+    training_config,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``simulate``, ``train`` and ``reconstruct`` to the sub-command parsers."""
-    p = sub.add_parser("simulate", help="write a simulated scan and its ground truth to HDF5")
+    p = add_command(
+        sub,
+        "simulate",
+        "write a simulated scan and its ground truth to HDF5",
+        """  bluesky-ptychonn simulate scan.h5 --rows 24 --cols 24
+  bluesky-ptychonn simulate test.h5 --object-seed 7 --scan fermat --photons 1e5""",
+    )
     p.add_argument("out", type=Path, help="HDF5 file to write")
     p.add_argument("--object-seed", type=int, default=0, help="seed of the random-features object")
     p.add_argument("--noise-seed", type=int, default=0, help="seed of Poisson noise and position jitter")
-    p.add_argument("--scan", choices=("raster", "snake", "fermat"), default="raster")
+    p.add_argument(
+        "--scan", choices=("raster", "snake", "fermat"), default="raster", help="scan pattern (default: raster)"
+    )
     p.add_argument("--rows", type=int, default=32, help="scan lines (raster/snake)")
     p.add_argument("--cols", type=int, default=32, help="points per line (raster/snake)")
     p.add_argument("--overlap", type=float, default=0.5, help="probe overlap between neighbours, 0..1")
     p.add_argument("--step-m", type=float, default=None, help="scan step in metres (overrides --overlap)")
     p.add_argument("--photons", type=float, default=1e6, help="photons per frame through free space")
-    p.add_argument("--probe", choices=("zone_plate", "gaussian"), default="zone_plate")
+    p.add_argument(
+        "--probe", choices=("zone_plate", "gaussian"), default="zone_plate", help="illumination (default: zone_plate)"
+    )
     for name in DetectorGeometry.model_fields:
         add_field(p, "--" + name.replace("_", "-"), DetectorGeometry, name)
     p.set_defaults(func=simulate)
 
-    p = sub.add_parser("train", help="train a model on simulated scan files (labels: their ground truth)")
+    p = add_command(
+        sub,
+        "train",
+        "train a model on simulated scan files (labels: their ground truth)",
+        """  bluesky-ptychonn train scan.h5:0.6 --out model.safetensors --network small --epochs 20
+  bluesky-ptychonn train a.h5 b.h5 --out model.safetensors --transform auto""",
+    )
     p.add_argument(
         "scans", nargs="+", help="HDF5 scan files with /entry/simulation_truth; FILE:0.6 = first 60 %% of lines"
     )
@@ -43,7 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_training_options(p)
     p.set_defaults(func=train)
 
-    p = sub.add_parser("pretrain", help="train a base model on fresh simulated frames of a sample family")
+    p = add_command(
+        sub,
+        "pretrain",
+        "train a base model on fresh simulated frames of a sample family",
+        """  bluesky-ptychonn pretrain --out base.safetensors --minutes 30
+  bluesky-ptychonn pretrain --out base.safetensors --probe-from beamline-scan.h5 --device cuda""",
+    )
     p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors), updated as it trains")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget (default: 60)")
     p.add_argument("--network", choices=("paper", "small"), default="small", help="network preset (default: small)")
@@ -60,13 +89,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:n]' (default: auto)")
     p.set_defaults(func=pretrain)
 
-    p = sub.add_parser("reconstruct", help="stitched amplitude/phase of a scan file, with metrics and a PNG")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("scan", type=Path)
-    p.add_argument("--out-dir", type=Path, default=Path("reconstruction"))
+    p = add_command(
+        sub,
+        "reconstruct",
+        "stitched amplitude/phase of a scan file, with metrics and a PNG",
+        """  bluesky-ptychonn reconstruct model.safetensors scan.h5
+  bluesky-ptychonn reconstruct default-64 scan.h5 --skip-lines 0.6 --out-dir held-out""",
+    )
+    p.add_argument("checkpoint", help="the model (.safetensors), or a shipped base model's name (default-64)")
+    p.add_argument("scan", type=Path, help="HDF5 scan file (from `simulate`, or a beamline's in that layout)")
+    p.add_argument("--out-dir", type=Path, default=Path("reconstruction"), help="folder for the image, metrics and PNG")
     p.add_argument("--skip-lines", type=float, default=0.0, help="reconstruct only after this fraction of scan lines")
-    p.add_argument("--window", choices=("gaussian", "central", "uniform"), default="gaussian")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--window",
+        choices=("gaussian", "central", "uniform"),
+        default="gaussian",
+        help="stitching weight of each patch (default: gaussian)",
+    )
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:n]' (default: auto)")
     p.set_defaults(func=reconstruct)
 
 
@@ -183,7 +223,7 @@ def reconstruct(args: argparse.Namespace) -> dict:
     from ..files.scanfile import read_scan
 
     scan = read_scan(args.scan)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    predictor = Predictor.from_checkpoint(model_file(args.checkpoint), device=args.device)
     idx = split_lines(scan.positions_m, args.skip_lines)[1] if args.skip_lines else np.arange(len(scan.frames))
     pixel = predictor.info.recipe.pixel_size_m(scan.geometry)
     grid = scan.truth_grid if scan.truth_grid is not None and np.isclose(scan.truth_grid.pixel_size_m, pixel) else None

@@ -6,12 +6,22 @@ import argparse
 import logging
 from pathlib import Path
 
+from .options import add_command
+
 logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``consume``."""
-    p = sub.add_parser("consume", help="reconstruct live the runs published through a bluesky-0MQ-proxy")
+    p = add_command(
+        sub,
+        "consume",
+        "reconstruct live the runs published through a bluesky-0MQ-proxy",
+        """  TILED_API_KEY=secret bluesky-ptychonn consume --config callbacks/ptychonn.toml
+  PTYCHONN_LIVE__BATCH_SIZE=32 bluesky-ptychonn consume --config callbacks/ptychonn.toml""",
+        "Runs until interrupted (Ctrl-C or SIGTERM: the run in progress is finished first). Any key of the "
+        "file can be overridden as PTYCHONN_<TABLE>__<KEY>; the API key comes from the environment only.",
+    )
     p.add_argument(
         "--config", type=Path, required=True, help="TOML service configuration (see callbacks/ptychonn.toml)"
     )

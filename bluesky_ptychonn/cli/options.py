@@ -6,12 +6,49 @@ from __future__ import annotations
 import argparse
 import os
 import typing
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 #: Where the command line looks for the Tiled API key unless told otherwise.
 API_KEY_ENV = "TILED_API_KEY"
+#: The Tiled server's URI when --tiled-uri is not given.
+TILED_URI_ENV = "TILED_URI"
+#: A Tiled profile's name when neither --tiled-uri nor $TILED_URI is given (tiled's own variable).
+TILED_PROFILE_ENV = "TILED_PROFILE"
+
+
+class Parser(argparse.ArgumentParser):
+    """A sub-command's parser: positionals and options in any order, help text shown as written.
+
+    Plain argparse cannot resume a ``*`` positional after an option (``fine-tune model.safetensors
+    --newest 2 sample_id=x`` failed with "unrecognized arguments"); ``parse_intermixed_args`` can,
+    but not on a parser with sub-commands, so every sub-command parses intermixed instead.
+    """
+
+    _plain = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._plain:  # the intermixed parse calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._plain = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._plain = False
+
+
+def add_command(
+    sub: argparse._SubParsersAction, name: str, summary: str, examples: str, description: str = ""
+) -> argparse.ArgumentParser:
+    """A sub-command with a one-line ``summary`` (the top-level list), a description and ``examples`` in its help."""
+    text = f"{summary[0].upper()}{summary[1:]}.\n\n{description}".rstrip()
+    return sub.add_parser(name, help=summary, description=text, epilog="examples:\n" + examples.rstrip())
 
 
 def add_field(
@@ -41,39 +78,104 @@ def add_field(
     return parser.add_argument(flag, help=text, **kwargs)
 
 
-def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
-    """Run selection and the Tiled connection: RUN (uid or KEY=VALUE), --uid, --where, --since, --until, ..."""
-    parser.add_argument(
+SELECTION_RULE = (
+    "Runs are named by uid (or its first 5+ characters) and selected by conditions: KEY=VALUE, --where, --since, "
+    "--until, --plan-name. Several uids: any of them. Several conditions: all must hold. Uids and conditions together: "
+    "the named runs, each of which must meet every condition (else an error names it). --dry-run lists the "
+    "selected runs and does nothing."
+)
+
+
+def add_tiled_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the Tiled server is: --tiled-uri, else $TILED_URI, else a Tiled profile; the key from the environment."""
+    group = parser.add_argument_group("Tiled server")
+    group.add_argument(
+        "--tiled-uri",
+        default=None,
+        help=f"the server's root URI (default: ${TILED_URI_ENV}, else the Tiled profile)",
+    )
+    group.add_argument(
+        "--profile",
+        default=None,
+        help=f"a Tiled profile (`tiled profile list`) when no URI is given (default: ${TILED_PROFILE_ENV}, "
+        "else tiled's default profile)",
+    )
+    group.add_argument(
+        "--api-key-env",
+        default=API_KEY_ENV,
+        help=f"environment variable holding the API key (default: {API_KEY_ENV}); never on the command line",
+    )
+
+
+def connect_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The root client and the ``raw`` catalog of the server the arguments (or environment) name."""
+    from ..archive.servers import connect, ensure_raw_catalog
+    from ..errors import ConfigurationError
+
+    api_key = os.environ.get(args.api_key_env) or None
+    uri = args.tiled_uri or os.environ.get(TILED_URI_ENV)
+    if uri:
+        return connect(uri, api_key=api_key)
+    from tiled.profiles import get_default_profile_name
+
+    profile = args.profile or os.environ.get(TILED_PROFILE_ENV) or get_default_profile_name()
+    if not profile:
+        raise ConfigurationError(
+            f"which Tiled server? give --tiled-uri, set ${TILED_URI_ENV}, or name a Tiled profile with --profile"
+        )
+    from tiled.client import from_profile
+    from tiled.profiles import ProfileNotFound
+
+    try:
+        client = from_profile(profile, **({"api_key": api_key} if api_key else {}))
+    except ProfileNotFound as err:
+        raise ConfigurationError(str(err)) from err
+    return client, ensure_raw_catalog(client)
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser, *, dry_run: bool = True) -> None:
+    """Run selection (RUN as uid or KEY=VALUE, --uid, --where, --since, --until, --plan-name) and the Tiled server."""
+    group = parser.add_argument_group("run selection", SELECTION_RULE)
+    group.add_argument(
         "runs", nargs="*", metavar="RUN", help="a run uid (or its first 5+ characters), or a KEY=VALUE condition"
     )
-    parser.add_argument("--uid", dest="uids", action="append", default=[], help="a run uid (repeatable)")
-    parser.add_argument(
+    group.add_argument("--uid", dest="uids", action="append", default=[], help="a run uid (repeatable)")
+    group.add_argument(
         "--where",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="start-document condition; a bare KEY is in the ptychography section (sample_id=...), "
-        "a dotted one a path from the start document (start.operator=...); all conditions must hold",
+        help="start-document condition (repeatable); a bare KEY is in the ptychography section (sample_id=...), "
+        "a dotted one a path from the start document (start.operator=...)",
     )
-    parser.add_argument("--since", help="runs started at or after this ISO 8601 time")
-    parser.add_argument("--until", help="runs started before this ISO 8601 time")
-    parser.add_argument("--plan-name", help="runs of this plan only (e.g. ptycho_fly_scan)")
-    parser.add_argument("--tiled-uri", required=True, help="Tiled server root URI")
-    parser.add_argument(
-        "--api-key-env", default=API_KEY_ENV, help=f"environment variable with the API key (default {API_KEY_ENV})"
-    )
+    group.add_argument("--since", help="runs started at or after this ISO 8601 time")
+    group.add_argument("--until", help="runs started before this ISO 8601 time")
+    group.add_argument("--plan-name", help="runs of this plan only (e.g. ptycho_fly_scan)")
+    if dry_run:
+        group.add_argument("--dry-run", action="store_true", help="list the selected runs and do nothing")
+    add_tiled_arguments(parser)
 
 
-def runs_from_args(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
-    """Connect as the arguments say; return (root client, raw catalog, selection items for ``select``)."""
-    from ..archive.runs import selection
-    from ..archive.servers import connect
+def runs_from_args(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
+    """Connect as the arguments say; return (root client, raw catalog, uids of the selected runs).
+
+    The selection follows :data:`SELECTION_RULE`.
+    """
+    from ..archive.runs import queries_for, select_matching
 
     uids = [r for r in args.runs if "=" not in r] + list(args.uids)
     conditions = [r for r in args.runs if "=" in r] + list(args.where)
-    items = selection(uids, conditions, since=args.since, until=args.until, plan_name=args.plan_name)
-    client, raw = connect(args.tiled_uri, api_key=os.environ.get(args.api_key_env) or None)
-    return client, raw, items
+    queries = queries_for(conditions, since=args.since, until=args.until, plan_name=args.plan_name)
+    client, raw = connect_from_args(args)
+    runs = select_matching(raw, uids, queries)
+    return client, raw, [run.metadata["start"]["uid"] for run in runs]
+
+
+def model_file(text: str | Path) -> Path:
+    """A checkpoint argument: a shipped base model's name (``default-64``), else a path."""
+    from ..core.base_model import BASE_MODELS, base_model_path
+
+    return base_model_path(str(text)) if str(text) in BASE_MODELS else Path(text)
 
 
 #: TrainConfig fields every training command exposes.

@@ -363,10 +363,25 @@ class LiveReconstruction:
 
     # -- publisher --------------------------------------------------------------------------
 
+    def _prepare_sink(self) -> None:
+        """Let the sink create the result before the first image (see ``TiledSink.prepare``); best effort."""
+        prepare = getattr(self.sink, "prepare", None)
+        if prepare is None:
+            return
+        with self._lock:
+            metadata = dict(self.metadata)
+        try:
+            prepare(self.stitcher.grid.shape, trust=self.consistency is not None, metadata=metadata)
+            self._sink_has_image = True  # the empty arrays hold the empty image: blocks patch in from here
+        except Exception as err:  # the first publish retries it all
+            logger.warning("run %s: could not prepare the result (%r)", self.metadata.get("raw_uid"), err)
+
     def _publish_loop(self) -> None:
         delay = self.options.retry_s
         give_up_at: float | None = None
+        self._prepare_sink()
         while True:
+            tick = time.monotonic()
             finished = self._finished.is_set()
             if finished and give_up_at is None:
                 give_up_at = time.monotonic() + self.options.final_retry_s
@@ -391,8 +406,11 @@ class LiveReconstruction:
                     time.sleep(delay)
                     delay = min(30.0, delay * 2)
                     continue
-            # Sleep until the next cadence tick, or at once when the run finishes.
-            self._finished.wait(self.options.publish_interval_s)
+            # Next publish one cadence after this one started, but never sooner than this one took:
+            # publishing (and the Tiled server, often on the same cores) gets at most half the time,
+            # so a slow server cannot starve inference. Wakes at once when the run finishes.
+            took = time.monotonic() - tick
+            self._finished.wait(max(self.options.publish_interval_s - took, took))
 
     def keep_unwritten(self) -> Any:
         """Hand the current image to ``fallback`` (a backup on disk), for a final image the sink could not take.

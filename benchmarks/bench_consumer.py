@@ -1,0 +1,262 @@
+"""The out-of-process consumer: end-to-end throughput, and memory and losses over a 100,000-frame scan.
+
+A real RunEngine flies the simulated detector (64x64 frames, HDF5 files) into an embedded Tiled
+server and publishes its documents through a real ``bluesky-0MQ-proxy`` to
+``bluesky-ptychonn consume`` running in its own process, which writes the image into the same
+Tiled server. Two scans, both unpaced (frames wait on disk while the consumer catches up):
+
+* throughput: frames / (first frame reaching the consumer -> result seen ``complete`` in Tiled),
+  against the same model on the same frames in memory (model-only) at the same batch size, on a
+  1,600-frame scan (start-up and the final write weigh in) and over the long scan below;
+* memory: a 250 x 400 = 100,000-frame scan; the consumer's resident memory (``/proc``) after its
+  first 10,000 frames, at the end and at its peak, and the frames lost (done, missing, skipped or
+  dropped, from the result's metadata).
+
+On this benchmark's 2-core machine the RunEngine, detector, TiledWriter and Tiled server share
+the cores with the consumer's inference.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from machine import describe, device_name
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """
+[model]
+checkpoint = "{checkpoint}"
+device = "{device}"
+[tiled]
+uri = "{tiled_uri}"
+[zmq]
+address = "{zmq_out}"
+publish_address = "{zmq_in}"
+[callback]
+data_roots = ["{data_root}"]
+[live]
+batch_size = {batch}
+max_wait_s = 0.2
+publish_interval_s = 0.5
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _memory_mib(pid: int) -> dict[str, float]:
+    """Resident and peak resident memory of ``pid`` (Linux /proc), MiB."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+class _Consumer:
+    """``bluesky-ptychonn consume`` in a subprocess, its stderr read on a thread."""
+
+    def __init__(self, config: Path, api_key: str) -> None:
+        env = {**os.environ, "TILED_API_KEY": api_key}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bluesky_ptychonn.cli", "consume", "--config", str(config)],
+            env=env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, needle: str, timeout: float = 120, poke=None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if poke is not None:
+                poke()
+            try:
+                if needle in self.lines.get(timeout=0.25):
+                    return
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+        raise RuntimeError(f"the consumer never said {needle!r}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _watch(client, uid: str, consumer: _Consumer, timeout_s: float, poll_s: float, first_after: int = 10_000) -> dict:
+    """Poll the result every ``poll_s`` until it is no longer running; sample the consumer's memory meanwhile."""
+    samples, seen_done = [], None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            md = dict(client["processed"][uid]["ptychonn"].metadata)
+        except KeyError:
+            md = {}
+        memory = _memory_mib(consumer.process.pid)
+        samples.append((md.get("frames_done", 0), memory["VmRSS"]))
+        if md and md.get("status") != "running":
+            seen_done = time.time()
+            break
+        time.sleep(poll_s)
+    if seen_done is None:
+        raise RuntimeError(f"run {uid} did not finish within {timeout_s:.0f} s")
+    after_first = next((rss for done, rss in samples if done >= first_after), samples[-1][1])
+    return {"metadata": md, "seen_done": seen_done, "rss_after_first": after_first, "memory": memory}
+
+
+def run(quick: bool = False) -> dict:
+    from bench_live import live_frames
+    from bluesky import RunEngine
+    from bluesky.callbacks.zmq import Publisher
+
+    from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
+    from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+    from bluesky_ptychonn.archive.servers import start_embedded_server, subscribe_archive
+    from bluesky_ptychonn.core.checkpoint import CheckpointInfo, save_checkpoint
+    from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe
+    from bluesky_ptychonn.core.inference import Predictor
+    from bluesky_ptychonn.core.network import PtychoNN
+    from bluesky_ptychonn.core.preprocess import preprocess
+    from bluesky_ptychonn.live.wire import serialize
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    machine = describe(device)
+    batch = 64
+    throughput_shape = (16, 16) if quick else (40, 40)
+    memory_shape = (100, 200) if quick else (250, 400)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        archive = start_embedded_server(tmp / "data", directory=tmp / "tiled")
+        zmq_in, zmq_out = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+        proxy_script = Path(sys.executable).with_name("bluesky-0MQ-proxy")
+        proxy = subprocess.Popen(
+            [str(proxy_script) if proxy_script.exists() else shutil.which("bluesky-0MQ-proxy"),
+             "--in-address", zmq_in, "--out-address", zmq_out],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        net = NetworkConfig.preset("small")
+        checkpoint = tmp / "small.safetensors"
+        save_checkpoint(checkpoint, PtychoNN(net).eval(), CheckpointInfo(net, PreprocessRecipe(scale=0.01)))
+        config = tmp / "ptychonn.toml"
+        config.write_text(
+            CONFIG.format(
+                checkpoint=checkpoint,
+                device=device,
+                tiled_uri=archive.server.uri.split("/api/v1")[0],
+                zmq_out=zmq_out,
+                zmq_in=zmq_in,
+                data_root=archive.data_dir,
+                batch=batch,
+            )
+        )
+        consumer = _Consumer(config, archive.server.api_key)
+        try:
+            consumer.wait_for("consuming documents")
+            publisher = Publisher(zmq_in, serializer=serialize)
+            # A 0MQ PUB drops what it sends before the subscriber is connected: probe with a message
+            # the consumer refuses (and says so) until it answers.
+            probe = Publisher(zmq_in, serializer=pickle.dumps)
+            consumer.wait_for("dropped a 0MQ message", poke=lambda: probe("start", {"uid": "probe", "time": 0.0}))
+            run_engine = RunEngine({})
+            subscribe_archive(run_engine, archive.client)
+            run_engine.subscribe(publisher)
+            stage = SimStage(name="stage")
+            detector = PtychoDetector(name="ptycho", stage=stage, data_dir=archive.data_dir, sample="sim-features-0")
+
+            (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=6e-7, shape=throughput_shape))
+            watched = _watch(archive.client, uid, consumer, timeout_s=1800, poll_s=0.05)
+            md = watched["metadata"]
+            e2e = md["frames_done"] / (watched["seen_done"] - md["first_frame"])
+            predictor = Predictor.from_checkpoint(checkpoint, device=device)
+            x = preprocess(live_frames(detector.path), predictor.info.recipe)
+            predictor.predict_preprocessed(x[:batch])  # warm-up
+            t0 = time.perf_counter()
+            predictor.predict_preprocessed(x)
+            model_only = len(x) / (time.perf_counter() - t0)
+            print(
+                f"   out of process, small network, {md['frames_done']} frames: {e2e:.1f} frames/s, model only "
+                f"{model_only:.1f} frames/s, ratio {e2e / model_only:.2f} (target >= 0.9)"
+            )
+
+            started = time.monotonic()
+            (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=2.4e-7, shape=memory_shape))
+            watched = _watch(archive.client, uid, consumer, timeout_s=7200, poll_s=1.0)
+            big = watched["metadata"]
+            long_s = time.monotonic() - started
+            long_rate = big["frames_done"] / (watched["seen_done"] - big["first_frame"])
+            total = memory_shape[0] * memory_shape[1]
+            lost = total - big["frames_done"]
+            rss_first, rss_final = watched["rss_after_first"], watched["memory"]["VmRSS"]
+            print(
+                f"   {total} frames in {long_s:.0f} s ({long_rate:.1f} frames/s, {long_rate / model_only:.2f} of model "
+                f"only): status {big['status']}, lost {lost}; "
+                f"consumer memory after 10,000 frames {rss_first:.0f} MiB, final {rss_final:.0f} MiB "
+                f"({rss_final / rss_first - 1:+.1%}; target within 10 %), peak {watched['memory']['VmHWM']:.0f} MiB"
+            )
+        finally:
+            consumer.stop()
+            proxy.terminate()
+            archive.close()
+    return {
+        "benchmark": "out-of-process consumer (0MQ proxy) end-to-end, memory and losses",
+        "machine": machine,
+        "results": [
+            {
+                "device": device_name(machine),
+                "network": "small",
+                "batch": batch,
+                "frames": md["frames_done"],
+                "end_to_end_frames_per_s": round(e2e, 1),
+                "model_only_frames_per_s": round(model_only, 1),
+                "ratio": round(e2e / model_only, 3),
+                "long_scan_frames": total,
+                "long_scan_status": big["status"],
+                "frames_lost": lost,
+                "frames_missing": big.get("frames_missing"),
+                "frames_skipped": big.get("frames_skipped"),
+                "frames_dropped": big.get("frames_dropped"),
+                "long_scan_s": round(long_s, 1),
+                "long_scan_frames_per_s": round(long_rate, 1),
+                "long_scan_ratio": round(long_rate / model_only, 3),
+                "rss_after_10k_mib": round(rss_first, 1),
+                "rss_final_mib": round(rss_final, 1),
+                "rss_growth": round(rss_final / rss_first - 1, 3),
+                "rss_peak_mib": round(watched["memory"]["VmHWM"], 1),
+            }
+        ],
+        "note": "the consumer's own process; RunEngine, detector and Tiled server run in the benchmark's process",
+    }
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    run(quick="--quick" in sys.argv)
