@@ -113,7 +113,7 @@ def show(args: argparse.Namespace) -> dict:
             maps.append((f"{name}: trust (consistency error)", arrays["trust"], "magma"))
         if name == PTYCHONN:
             live = md
-    if not panels:
+    if grid is None:
         raise RunError(f"run {uid[:8]}: no result has an image yet: {', '.join(skipped)}")
     section = start.get("ptychography", {})
     when = datetime.fromtimestamp(start.get("time", 0)).strftime("%Y-%m-%d %H:%M")

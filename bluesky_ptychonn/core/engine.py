@@ -31,10 +31,10 @@ import numpy as np
 
 from ..errors import PositionError
 from .consistency import FrameConsistency, live_trust
-from .faults import permanent_error
 from .geometry import ObjectGrid
 from .live_options import LiveOptions
 from .preprocess import bad_frames, malformed_submission
+from .publishing import Publishing
 from .stitching import PatchStitcher, StitchedImage, patch_window
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ MAX_FLAGGED_IDS = 100
 MAX_ERRORS = 50
 
 
-class LiveReconstruction:
+class LiveReconstruction(Publishing):
     """Reconstructs one run from frames submitted in any order and any batch size."""
 
     def __init__(
@@ -360,108 +360,3 @@ class LiveReconstruction:
     def _count(self, key: str, n: int) -> None:
         with self._lock:
             self.metadata[key] += n
-
-    # -- publisher --------------------------------------------------------------------------
-
-    def _prepare_sink(self) -> None:
-        """Let the sink create the result before the first image (see ``TiledSink.prepare``); best effort."""
-        prepare = getattr(self.sink, "prepare", None)
-        if prepare is None:
-            return
-        with self._lock:
-            metadata = dict(self.metadata)
-        try:
-            prepare(self.stitcher.grid.shape, trust=self.consistency is not None, metadata=metadata)
-            self._sink_has_image = True  # the empty arrays hold the empty image: blocks patch in from here
-        except Exception as err:  # the first publish retries it all
-            logger.warning("run %s: could not prepare the result (%r)", self.metadata.get("raw_uid"), err)
-
-    def _publish_loop(self) -> None:
-        delay = self.options.retry_s
-        give_up_at: float | None = None
-        self._prepare_sink()
-        while True:
-            tick = time.monotonic()
-            finished = self._finished.is_set()
-            if finished and give_up_at is None:
-                give_up_at = time.monotonic() + self.options.final_retry_s
-            if self._dirty.is_set() or finished:
-                self._dirty.clear()
-                if self._publish():
-                    delay = self.options.retry_s
-                    if finished:
-                        self._published_final.set()
-                        return
-                else:
-                    self._dirty.set()
-                    if self._permanent:  # a wrong key stays wrong: one clear line, no 10 minutes of retries
-                        logger.error("run %s: %s", self.metadata.get("raw_uid"), self._permanent)
-                        if finished:
-                            self.keep_unwritten()
-                        return
-                    if give_up_at is not None and time.monotonic() > give_up_at:
-                        logger.error("run %s: gave up writing the final image", self.metadata.get("raw_uid"))
-                        self.keep_unwritten()
-                        return
-                    time.sleep(delay)
-                    delay = min(30.0, delay * 2)
-                    continue
-            # Next publish one cadence after this one started, but never sooner than this one took:
-            # publishing (and the Tiled server, often on the same cores) gets at most half the time,
-            # so a slow server cannot starve inference. Wakes at once when the run finishes.
-            took = time.monotonic() - tick
-            self._finished.wait(max(self.options.publish_interval_s - took, took))
-
-    def keep_unwritten(self) -> Any:
-        """Hand the current image to ``fallback`` (a backup on disk), for a final image the sink could not take.
-
-        Returns what ``fallback`` returned (None without one, or if it failed: logged).
-        """
-        if self.fallback is None:
-            return None
-        image, metadata = self._for_sink(changed_only=False)
-        try:
-            kept = self.fallback(image, metadata)
-        except Exception as err:
-            logger.error("run %s: the image could not be backed up either: %r", self.metadata.get("raw_uid"), err)
-            return None
-        logger.warning("run %s: image kept at %s", self.metadata.get("raw_uid"), kept)
-        return kept
-
-    def _for_sink(self, *, changed_only: bool) -> tuple[StitchedImage, dict[str, Any]]:
-        """A snapshot and a copy of the metadata, taken together under the lock.
-
-        ``changed_only``: the block changed since the last publish (empty if none), which the sink
-        patches in at its offset, instead of the whole image; the block is forgotten here, and a
-        failed publish sends the whole image next time.
-        """
-        with self._lock:
-            if changed_only:
-                image = self.stitcher.snapshot(self.stitcher.take_changed() or (0, 0, 0, 0))
-            else:
-                image = self.stitcher.snapshot()
-            metadata = {
-                **self.metadata,
-                "updated": time.time(),  # readers (and a restarted consumer) tell a live result from a stale one
-                "errors": list(self.metadata["errors"]),
-                "trust": dict(self.metadata["trust"]),
-                "timings": dict(self.timings),
-            }
-        return image, metadata
-
-    def _publish(self) -> bool:
-        if self.sink is None:
-            return True
-        image, metadata = self._for_sink(changed_only=self._sink_has_image)
-        t0 = time.perf_counter()
-        try:
-            self.sink.publish(image, metadata)
-            self._sink_has_image = True
-        except Exception as err:  # Tiled down, network error: keep the image and retry
-            self._sink_has_image = False  # the whole image next time: the sink may hold part of this one
-            self._permanent = permanent_error(err)
-            logger.warning("run %s: publishing failed (%r); will retry", self.metadata.get("raw_uid"), err)
-            return False
-        self.timings["publish_s"] += time.perf_counter() - t0
-        self.publish_log.append((time.time(), image.frames))
-        return True

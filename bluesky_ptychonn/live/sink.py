@@ -105,22 +105,20 @@ class TiledSink:
         node = self._container(jsonable(metadata))
         self._ensure_arrays(node, ARRAYS + (("trust",) if trust else ()), tuple(shape))
 
-    def _ensure_arrays(self, node: Any, keys: tuple[str, ...], shape: tuple[int, ...]) -> list[str]:
-        """Make sure ``keys`` exist with ``shape`` (created empty where not); return those created."""
+    def _ensure_arrays(self, node: Any, keys: tuple[str, ...], shape: tuple[int, ...]) -> dict[str, Any]:
+        """Make sure ``keys`` exist with ``shape`` (created empty where not); return the array clients."""
         if self._arrays is None:  # asked of the server once; every request costs a round trip per publish
             self._arrays = {key: node[key] for key in (*ARRAYS, "trust") if key in node}
         arrays = self._arrays
-        created = []
         for key in keys:
             if key in arrays and tuple(arrays[key].shape) == shape:
                 continue
             if key in arrays:  # another grid's, left by a replaced result
                 arrays.pop(key).delete(external_only=False)
             arrays[key] = _new_array(node, key, shape)
-            created.append(key)
         if "trust" in arrays and "trust" not in keys:  # a replaced result's trust map would not match
             arrays.pop("trust").delete(external_only=False)
-        return created
+        return arrays
 
     def publish(self, image: StitchedImage, metadata: dict[str, Any]) -> None:
         """Patch the image (whole, or a block of it at ``image.offset``) into the arrays, then write the metadata.
@@ -137,13 +135,13 @@ class TiledSink:
             stale = [key for key in keys if key not in arrays or tuple(arrays[key].shape) != shape]
             if stale and image.weight.shape != shape:
                 raise ValueError(f"{self.path}: {stale} must be written whole before a block can be patched in")
-            self._ensure_arrays(node, keys, shape)
+            arrays = self._ensure_arrays(node, keys, shape)
             if image.weight.size:
                 self._seq += 1 + self._seq % 2  # odd: readers of the arrays wait or retry
                 node.update_metadata({"publish_seq": self._seq})
                 for key in keys:
                     data = np.ascontiguousarray(getattr(image, key), dtype=np.float32)
-                    self._arrays[key].patch(data, offset=image.offset)
+                    arrays[key].patch(data, offset=image.offset)
                 self._seq += 1
             node.update_metadata({**metadata, "publish_seq": self._seq})
         except Exception:
