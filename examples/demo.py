@@ -80,11 +80,15 @@ def train_model(args: argparse.Namespace, prior_run, models: Path):
         "sample": prior.metadata["sample_id"],
         "base": base_info.content_hash if base_info is not None else None,
     }
+    # The model file is named by its content hash; a small JSON named by the training settings
+    # points at it, so a second demo with the same settings reuses it.
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    path = models / f"ptychonn-{key}.safetensors"
-    if path.exists() and not args.retrain:
-        print(f"[model] reusing {path} (delete it or pass --retrain to train again)")
-        return Predictor.from_checkpoint(path, device=args.device), 0.0
+    pointer = models / f"settings-{key}.json"
+    if pointer.exists() and not args.retrain:
+        path = models / json.loads(pointer.read_text())["checkpoint"]
+        if path.exists():
+            print(f"[model] reusing {path} (delete it or pass --retrain to train again)")
+            return Predictor.from_checkpoint(path, device=args.device), 0.0
     parts = [training_set_from_scan(prior, source={"run_uid": prior.metadata["uid"]})]
     for seed in range(args.family_objects):
         s = simulate_scan(object_seed=seed, scan_shape=(args.rows, args.rows), noise_seed=seed)
@@ -104,7 +108,11 @@ def train_model(args: argparse.Namespace, prior_run, models: Path):
     )
     if base_info is not None:
         info.provenance["fine_tuned_from"] = {"base": DEFAULT_BASE, "content_hash": base_info.content_hash}
-    save_checkpoint(path, model, info)
+    models.mkdir(parents=True, exist_ok=True)
+    partial = models / f"settings-{key}.safetensors.partial"
+    save_checkpoint(partial, model, info)
+    path = partial.replace(models / f"ptychonn-{info.content_hash[:12]}.safetensors")
+    pointer.write_text(json.dumps({"checkpoint": path.name, "content_hash": info.content_hash, "settings": settings}))
     print(
         f"[model] best validation loss {info.metrics['best_val_loss']:.4f} at epoch {info.metrics['best_epoch']}, "
         f"saved to {path}"

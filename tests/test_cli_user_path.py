@@ -146,3 +146,49 @@ def test_show_runs_and_models(tiled_server, fly, checkpoint, tmp_path, monkeypat
     assert path.split("/")[1] in models and models[path.split("/")[1]]["file"] == checkpoint.name
     assert main(["models", *common]) == 0
     assert path.split("/")[1][:12] in capsys.readouterr().out
+
+
+def test_live_view_follows_the_run_in_memory_and_through_tiled(tiled_server, make_devices, checkpoint, tmp_path):
+    """The IPython live figure: documents pick the run, a timer redraws; the final image ends it."""
+    import numpy as np
+    from bluesky import RunEngine
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from test_replay import FAST, STEP_M
+
+    from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+    from bluesky_ptychonn.archive.servers import subscribe_archive
+    from bluesky_ptychonn.live.callback import PtychoNNCallback
+    from bluesky_ptychonn.live.sink import read_image
+    from bluesky_ptychonn.live.view import LiveImageView
+
+    def figure():
+        fig = Figure()
+        FigureCanvasAgg(fig)
+        return fig
+
+    run_engine = RunEngine({})
+    callback = PtychoNNCallback.from_checkpoint(
+        checkpoint, tiled_server.client, device="cpu", data_roots=[tiled_server.data_dir], live=FAST
+    )
+    view = LiveImageView(callback, figure=figure(), interval_s=0.2)
+    run_engine.subscribe(callback)
+    subscribe_archive(run_engine, tiled_server.client)
+    run_engine.subscribe(view)
+    stage, detector = make_devices(tiled_server.data_dir / tmp_path.name)
+    (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(4, 6), exposure_s=2e-3))
+    assert view.uid == uid and view._timer is not None  # the redraws run on the figure's own timer
+    assert callback.wait(uid, 60)
+    assert view.update()  # the final image: the timer may stop
+    image = callback.runs[uid].live.snapshot()
+    drawn = np.ma.filled(view._images["phase"].get_array(), np.nan)
+    np.testing.assert_allclose(drawn, np.where(image.weight > 0, image.phase, np.nan), atol=1e-6)
+    assert view.figure._suptitle.get_text() == f"run {uid[:8]}: 24 frames, complete"
+
+    remote = LiveImageView(tiled_server.client, figure=figure())
+    remote("start", {"uid": uid, "time": 0.0})
+    remote("stop", {"uid": "s", "run_start": uid, "time": 0.0, "exit_status": "success"})
+    assert remote.update()
+    arrays, _ = read_image(tiled_server.client["processed"][uid]["ptychonn"])
+    drawn = np.ma.filled(remote._images["amplitude"].get_array(), np.nan)
+    np.testing.assert_allclose(drawn, np.where(arrays["weight"] > 0, arrays["amplitude"], np.nan), atol=1e-6)

@@ -32,6 +32,7 @@ from tiny_models import write_tiny_checkpoint
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
 from bluesky_ptychonn.archive.replay import replay_run
 from bluesky_ptychonn.archive.servers import subscribe_archive
+from bluesky_ptychonn.core.base_model import base_model_path
 from bluesky_ptychonn.core.checkpoint import CheckpointInfo, save_checkpoint
 from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe
 from bluesky_ptychonn.core.geometry import ObjectGrid
@@ -57,7 +58,7 @@ def environment(monkeypatch):
 
 def _config(tmp_path, checkpoint, tiled_uri, data_root, zmq_out, zmq_in="tcp://127.0.0.1:5577"):
     text = (CALLBACKS / "ptychonn.toml").read_text()
-    text = text.replace('"../models/ptychonn.safetensors"', f'"{checkpoint}"')
+    text = text.replace('"default-64"', f'"{checkpoint}"')
     text = text.replace('"http://127.0.0.1:8000"', f'"{tiled_uri}"')
     text = text.replace('"tcp://127.0.0.1:5578"', f'"{zmq_out}"')
     text = text.replace('"tcp://127.0.0.1:5577"', f'"{zmq_in}"')
@@ -316,7 +317,9 @@ def test_deployment_files_load(tmp_path, environment):
     """Every file in callbacks/ parses, validates and runs with a real checkpoint and RunEngine."""
     monkeypatch = environment
     shipped = load_config(CALLBACKS / "ptychonn.toml")
-    assert shipped.model.checkpoint.name == "ptychonn.safetensors" and shipped.zmq.address.startswith("tcp://127.0.0.1")
+    # The shipped configuration runs as it is: its model (the shipped base model) exists after set-up.
+    assert shipped.model.checkpoint == base_model_path() and shipped.model.checkpoint.is_file()
+    assert shipped.zmq.address.startswith("tcp://127.0.0.1")
     assert shipped.zmq.publish_address.startswith("tcp://127.0.0.1") and shipped.tiled.api_key is None
     assert shipped.callback_config().frames_key == "diffraction"
     checkpoint = tmp_path / "model.safetensors"
@@ -376,7 +379,7 @@ def _in_memory_config(tmp_path, checkpoint="model.safetensors"):
     text = (CALLBACKS / "ptychonn.toml").read_text()
     text = text[: text.index("[tiled]")] + text[text.index("[zmq]") :]
     path = tmp_path / "ptychonn.toml"
-    path.write_text(text.replace('"../models/ptychonn.safetensors"', f'"{checkpoint}"'))
+    path.write_text(text.replace('"default-64"', f'"{checkpoint}"'))
     return path
 
 

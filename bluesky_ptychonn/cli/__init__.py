@@ -30,7 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live PtychoNN ptychography reconstruction for Bluesky and Tiled.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: this package's progress at INFO (the default of `consume`); -vv: everything at DEBUG, HTTP requests "
+        "included",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for group in (files, live, archive, results):
         group.register(sub)
@@ -40,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; prints the command's result as JSON. Exit 2 on a bad input, with the reason."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.verbose + (args.command == "consume"))  # a service logs one line per run
     try:
         result = _dry_run(args) if getattr(args, "dry_run", False) else args.func(args)
     except PtychoNNError as err:
@@ -51,6 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def configure_logging(verbosity: int) -> None:
+    """WARNING; 1: this package at INFO; 2: DEBUG everywhere. HTTP request lines (httpx, uvicorn) only at 2."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbosity >= 2 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if verbosity == 1:
+        logger.setLevel(logging.INFO)
+    if verbosity < 2:
+        for name in ("httpx", "httpcore", "uvicorn.access"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _dry_run(args: argparse.Namespace) -> list[dict]:

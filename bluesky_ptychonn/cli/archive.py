@@ -12,6 +12,7 @@ from typing import Any
 from ..archive.servers import API_KEY_ENV as SERVER_KEY_ENV
 from ..archive.training import FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE
 from ..core.base_model import DEFAULT_BASE
+from ..core.config import TrainConfig
 from ..core.engine import LiveOptions
 from ..core.iterative import IterativeOptions
 from ..core.refine import REFINE_OPTIONS
@@ -147,7 +148,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "runs' geometry when there is one (default: auto; its network and recipe replace --network and --transform)",
     )
     p.add_argument("--from-scratch", action="store_true", help="start from random weights, not from a base model")
-    add_training_options(p)
+    add_training_options(p, epochs=None)
+    (epochs,) = [a for a in p._actions if a.dest == "epochs"]
+    epochs.help = f"most epochs (default: {FINE_TUNE_EPOCHS} from a base model, {TrainConfig().epochs} from scratch)"
     p.set_defaults(func=train_runs)
 
     p = add_command(
@@ -389,6 +392,8 @@ def train_runs(args: argparse.Namespace) -> dict:
     from ..archive.training import train_from_runs
 
     client, raw, items = runs_from_args(args)
+    if args.epochs is None:  # minutes on a CPU from a base model; a new network needs more
+        args.epochs = TrainConfig().epochs if args.from_scratch else FINE_TUNE_EPOCHS
     _, info = train_from_runs(
         raw,
         items,

@@ -25,6 +25,7 @@ How the project's conventions map onto pty-chi 2.2.0 (checked by experiment, see
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,6 +47,13 @@ from .iterative import (
 )
 from .preprocess import check_frames
 from .stitching import PatchStitcher
+
+# pty-chi 2.2 reads Python scalars from its fixed probe positions, a torch Parameter that requires
+# grad; torch warns on every epoch. Harmless (the positions are not refined here) and not ours to
+# fix, so it is silenced where it arises instead of reaching the user's terminal.
+warnings.filterwarnings(
+    "ignore", message="Converting a tensor with requires_grad=True to a scalar", category=UserWarning, module="ptychi"
+)
 
 __all__ = ["reconstruct_iterative"]
 

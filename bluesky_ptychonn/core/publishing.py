@@ -64,6 +64,7 @@ class Publishing:
                     delay = self.options.retry_s
                     if finished:
                         self._published_final.set()
+                        self._log_final()
                         return
                 else:
                     self._dirty.set()
@@ -84,6 +85,28 @@ class Publishing:
             # so a slow server cannot starve inference. Wakes at once when the run finishes.
             took = time.monotonic() - tick
             self._finished.wait(max(self.options.publish_interval_s - took, took))
+
+    def _log_final(self) -> None:
+        """One line per run: how it ended, what was lost, and where the time went."""
+        md, t = self.metadata, self.timings
+        wall = (md.get("finished") or time.time()) - (md.get("first_frame") or md.get("started") or time.time())
+        logger.info(
+            "run %s: %s, %d frames in %.1f s (%d dropped, %d duplicate, %d skipped, %s missing, %d flagged); "
+            "inference %.1f s, trust %.1f s, stitching %.1f s, publishing %.1f s",
+            str(md.get("raw_uid"))[:8],
+            md.get("status"),
+            md.get("frames_done", 0),
+            wall,
+            md.get("frames_dropped", 0),
+            md.get("frames_duplicate", 0),
+            md.get("frames_skipped", 0),
+            md.get("frames_missing"),
+            (md.get("trust") or {}).get("frames_flagged", 0),
+            t["inference_s"],
+            t["consistency_s"],
+            t["stitch_s"],
+            t["publish_s"],
+        )
 
     def keep_unwritten(self) -> Any:
         """Hand the current image to ``fallback`` (a backup on disk), for a final image the sink could not take.

@@ -16,18 +16,25 @@ logger = logging.getLogger(__name__)
 
 
 def run_until_signalled(consumer: Consumer) -> None:
-    """Run ``consumer`` in this (main) thread; SIGTERM, as a service manager sends, stops it as Ctrl-C does.
+    """Run ``consumer`` in this (main) thread until SIGTERM (as a service manager sends) or Ctrl-C.
 
     Either way open runs are finished as ``interrupted`` with their partial images before it returns.
     """
     stale = mark_stale_results(consumer.callback.client)
     if stale:
         logger.warning("results left running by an earlier consumer, now marked interrupted: %s", ", ".join(stale))
-    previous = signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
+    def stop(*_: Any) -> None:
+        # Ctrl-C stops as SIGTERM does, through the dispatcher's own loop (a KeyboardInterrupt inside
+        # it left its receive task pending: "Task was destroyed"); a second Ctrl-C interrupts at once.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        consumer.stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         consumer.run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 #: A ``running`` live result not updated for this long belongs to no live consumer.

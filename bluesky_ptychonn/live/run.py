@@ -203,6 +203,16 @@ class RunReconstructor(DocumentRouter):
         for message in self.errors:
             self.live.record_error(message)
         self.active = True
+        logger.info(
+            "run %s: started (sample %s, %s points), model %s on %s, grid %dx%d, trust map %s",
+            self.uid[:8],
+            section.get("sample_id"),
+            self.start_doc.get("num_points", "?"),
+            predictor.info.content_hash[:12],
+            predictor.device,
+            *grid.shape,
+            "on" if self.live.consistency is not None else "off",
+        )
 
     def stream_resource(self, doc: StreamResource) -> None:
         """Keep a StreamResource of the frames, positions or ids (refused if outside the data roots).

@@ -185,7 +185,7 @@ class Consumer:
         zmq = self.config.zmq
         prefix, curve, decode = zmq.prefix.encode(), zmq.curve(), _deserialize_or_report
         self.watcher.start()
-        logger.info("service configuration: %r", self.config)
+        logger.debug("service configuration: %r", self.config)
         logger.warning(
             "consuming documents from %s with model %s", zmq.address, self.callback.predictor.info.content_hash[:12]
         )

@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -33,6 +33,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from ..core.base_model import BASE_MODELS, base_model_path
 from ..core.config import Frozen
 from ..core.engine import LiveOptions
 from ..core.iterative import IterativeOptions
@@ -47,9 +48,19 @@ ENV_PREFIX = "PTYCHONN_"
 class ModelSection(Frozen):
     """``[model]``: which checkpoint the consumer runs, where, and how it notices a new one."""
 
-    checkpoint: Path = Field(description="The model to load (safetensors checkpoint).")
+    checkpoint: Path = Field(
+        description="The model to load: a safetensors checkpoint, or a shipped base model's name (default-64)."
+    )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:n]'.")
     reload_interval_s: float = Field(10.0, ge=0, description="How often to look for a new checkpoint; 0 never.")
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _base_model(cls, value: Any) -> Any:
+        """A shipped base model's name stands for its file inside the installed package."""
+        if str(value) in BASE_MODELS:
+            return base_model_path(str(value))
+        return value
 
 
 class TiledSection(Frozen):
@@ -155,7 +166,11 @@ class _ConfigFileSource(TomlConfigSettingsSource):
             )
         base = file_path.resolve().parent
         model = data.get("model")
-        if isinstance(model, dict) and isinstance(model.get("checkpoint"), str):
+        if (
+            isinstance(model, dict)
+            and isinstance(model.get("checkpoint"), str)
+            and model["checkpoint"] not in BASE_MODELS
+        ):
             model["checkpoint"] = str(base / model["checkpoint"])
         zmq = data.get("zmq")
         if isinstance(zmq, dict):
