@@ -105,7 +105,7 @@ def show(args: argparse.Namespace) -> dict:
             skipped.append(f"{name} (another grid)")
             continue
         grid = this
-        label = f"{name} ({md.get('status')})"
+        label = f"{name} ({md.get('status')}{', ' + md['source'] if md.get('source') else ''})"  # live or replay
         panels.append((label, arrays["amplitude"], arrays["phase"]))
         if "weight" in arrays and mask is None:
             mask = arrays["weight"] > 0

@@ -49,10 +49,10 @@ from .preprocess import check_frames
 from .stitching import PatchStitcher
 
 # pty-chi 2.2 reads Python scalars from its fixed probe positions, a torch Parameter that requires
-# grad; torch warns on every epoch. Harmless (the positions are not refined here) and not ours to
-# fix, so it is silenced where it arises instead of reaching the user's terminal.
+# grad; torch warns on every epoch (from its own module, so the filter matches the message). Harmless
+# (the positions are not refined here) and not ours to fix: silenced here, not on the user's terminal.
 warnings.filterwarnings(
-    "ignore", message="Converting a tensor with requires_grad=True to a scalar", category=UserWarning, module="ptychi"
+    "ignore", message="Converting a tensor with requires_grad=True to a scalar", category=UserWarning
 )
 
 __all__ = ["reconstruct_iterative"]
