@@ -135,6 +135,8 @@ def test_show_runs_and_models(tiled_server, fly, checkpoint, tmp_path, monkeypat
     assert rows[done]["ptychonn"] == "complete" and rows[done]["frames_done"] == 12 and not rows[done]["stale"]
     assert rows[done]["model"] and rows[done]["points"] == 12 and rows[done]["exit"] == "success"
     assert rows[stale]["stale"] and "ptychonn" not in rows[bare]
+    assert main(["runs", "--json", "--limit", "2", *common]) == 0  # no selection: the newest, oldest first
+    assert [row["uid"] for row in _json(capsys)] == [stale, bare]
     assert main(["runs", f"start.campaign={tag}", "--stale", *common]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["uid", "started", "age"] and len(table) == 2

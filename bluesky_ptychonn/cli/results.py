@@ -165,7 +165,8 @@ def runs(args: argparse.Namespace) -> list[dict] | None:
         chosen = [raw[uid] for uid in uids][-args.limit :]
     else:
         client, raw = connect_from_args(args)
-        chosen = list(raw.values()[-args.limit :]) if len(raw) else []
+        # Tiled slices from the end only backwards: the newest first, then put in time order.
+        chosen = list(raw.values()[-1 : -args.limit - 1 : -1])[::-1] if len(raw) else []
     rows = [run_row(client, run, now) for run in chosen]
     if args.stale:
         rows = [row for row in rows if row.get("stale")]
