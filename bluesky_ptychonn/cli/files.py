@@ -229,7 +229,9 @@ def reconstruct(args: argparse.Namespace) -> dict:
     grid = scan.truth_grid if scan.truth_grid is not None and np.isclose(scan.truth_grid.pixel_size_m, pixel) else None
     grid = grid or ObjectGrid.covering(scan.positions_m[idx], pixel, predictor.patch_pixels)
     started = time.perf_counter()
-    image = reconstruct(predictor, scan.frames[idx], scan.positions_m[idx], grid=grid, window=args.window)
+    image = reconstruct(
+        predictor, scan.frames[idx], scan.positions_m[idx], grid=grid, window=args.window, progress=True
+    )
     summary: dict = {
         "frames": int(len(idx)),
         "device": str(predictor.device),

@@ -27,18 +27,23 @@ def reconstruct(
     window: str = "gaussian",
     window_width: float = STITCH_WIDTH,
     batch_size: int = 512,
+    progress: bool = False,
 ) -> StitchedImage:
-    """Predict every frame and stitch the patches; the grid defaults to one covering the positions.
+    """Predict every frame and stitch the patches on ``grid`` (a progress bar on stderr with ``progress``).
 
     The pixel size is the recipe's real-space pixel, which the caller's ``grid`` must share.
     """
+    from tqdm import tqdm
+
     n = predictor.patch_pixels
     if grid is None:
         raise ValueError("reconstruct needs the object grid (ObjectGrid.covering(positions, pixel_size_m, n))")
     stitcher = PatchStitcher(grid, n, patch_window(n, window, width_fraction=window_width))
-    for s in range(0, len(frames), batch_size):
-        amplitude, phase = predictor.predict(frames[s : s + batch_size])
-        stitcher.add(amplitude, phase, positions_m[s : s + batch_size])
+    with tqdm(total=len(frames), desc="reconstruct", unit="frame", disable=not progress, leave=False) as bar:
+        for s in range(0, len(frames), batch_size):
+            amplitude, phase = predictor.predict(frames[s : s + batch_size])
+            stitcher.add(amplitude, phase, positions_m[s : s + batch_size])
+            bar.update(len(amplitude))
     return stitcher.snapshot()
 
 

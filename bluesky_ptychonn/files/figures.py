@@ -43,7 +43,8 @@ def save_figure(
     phase_range = [np.percentile(np.concatenate([ph[box].ravel() for _, _, ph in panels]), q) for q in (1, 99)]
     maps = maps or []
     n_rows, n_cols = (3 if maps else 2), max(len(panels), len(maps))
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.8 * n_rows), squeeze=False)
+    # At least 6 inches wide: one column alone clipped its title and colour bar label.
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(max(4.2 * n_cols, 6.0), 3.8 * n_rows), squeeze=False)
 
     def draw(ax: Any, image: np.ndarray, label: str, cmap: str, lo: float, hi: float) -> None:
         im = ax.imshow(image[box], extent=tuple(extent), vmin=lo, vmax=hi, cmap=cmap)
