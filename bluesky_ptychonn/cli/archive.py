@@ -14,7 +14,6 @@ from ..archive.training import FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE
 from ..core.base_model import DEFAULT_BASE
 from ..core.config import TrainConfig
 from ..core.engine import LiveOptions
-from ..core.iterative import IterativeOptions
 from ..core.refine import REFINE_OPTIONS
 from ..errors import ConfigurationError
 from ..tiled_paths import ITERATIVE, PTYCHONN, processed_path
@@ -22,11 +21,13 @@ from .options import (
     API_KEY_ENV,
     add_command,
     add_field,
+    add_iterative_options,
     add_network_options,
     add_selection_arguments,
     add_tiled_arguments,
     add_training_options,
     connect_from_args,
+    iterative_options,
     model_file,
     runs_from_args,
     training_config,
@@ -197,35 +198,6 @@ def restore(args: argparse.Namespace) -> dict:
     return {"restored": restore_backups(client, args.directory)}
 
 
-def add_iterative_options(
-    parser: argparse.ArgumentParser, prefix: str, defaults: IterativeOptions | None = None
-) -> None:
-    """pty-chi's options (``IterativeOptions``) as ``<prefix>engine``, ``<prefix>epochs``, ...
-
-    ``defaults`` (e.g. the refinement's) replace the model's defaults; help still comes from the fields.
-    """
-    dest = "iterative_" if prefix != "--" else ""
-    defaults = defaults or IterativeOptions()
-    for name, flag in (
-        ("engine", "engine"),
-        ("epochs", "epochs"),
-        ("stop_tolerance", "tolerance"),
-        ("stop_window", "stop-window"),
-        ("min_epochs", "min-epochs"),
-        ("batch_size", "batch-size"),
-        ("object_step_size", "step-size"),
-        ("refine_probe", "refine-probe"),
-        ("device", "device"),
-    ):
-        add_field(parser, prefix + flag, IterativeOptions, name, dest=dest + name, default=getattr(defaults, name))
-
-
-def _iterative_options(args: argparse.Namespace, dest: str) -> IterativeOptions:
-    return IterativeOptions(
-        **{name: getattr(args, dest + name) for name in IterativeOptions.model_fields if hasattr(args, dest + name)}
-    )
-
-
 def _add_run_training(p: argparse.ArgumentParser, labels_required: bool = True) -> None:
     add_selection_arguments(p)
     text = "label source" + ("" if labels_required else " (required unless --self-supervised)")
@@ -317,7 +289,7 @@ def iterative(args: argparse.Namespace) -> list[dict]:
     from ..archive.labels import iterative_run
     from ..archive.runs import check_ptychography, select
 
-    options = _iterative_options(args, "")
+    options = iterative_options(args, "")
     client, raw, items = runs_from_args(args)
     runs = select(raw, items)
     check_ptychography(runs)
@@ -353,7 +325,7 @@ def refine(args: argparse.Namespace) -> list[dict]:
         raw,
         items,
         client,
-        options=_iterative_options(args, ""),
+        options=iterative_options(args, ""),
         seed=args.seed_source,
         predictor=predictor,
         photons_per_frame=args.photons_per_frame,
@@ -404,7 +376,7 @@ def train_runs(args: argparse.Namespace) -> dict:
         transform=args.transform,
         config=training_config(args),
         client=client,
-        iterative_options=_iterative_options(args, "iterative_"),
+        iterative_options=iterative_options(args, "iterative_"),
         device=args.device,
         out=args.out,
         base=None if args.from_scratch else args.base,
@@ -442,7 +414,7 @@ def fine_tune(args: argparse.Namespace) -> dict:
         lines=args.lines,
         config=config,
         client=client,
-        iterative_options=_iterative_options(args, "iterative_"),
+        iterative_options=iterative_options(args, "iterative_"),
         device=args.device,
     )
     return _summary(args, client, out, info)

@@ -9,7 +9,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+from ..core.iterative import IterativeOptions
+from ..errors import ConfigurationError
 
 #: Where the command line looks for the Tiled API key unless told otherwise.
 API_KEY_ENV = "TILED_API_KEY"
@@ -110,7 +113,6 @@ def add_tiled_arguments(parser: argparse.ArgumentParser) -> None:
 def connect_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     """The root client and the ``raw`` catalog of the server the arguments (or environment) name."""
     from ..archive.servers import connect, ensure_raw_catalog
-    from ..errors import ConfigurationError
 
     api_key = os.environ.get(args.api_key_env) or None
     uri = args.tiled_uri or os.environ.get(TILED_URI_ENV)
@@ -210,3 +212,35 @@ def training_config(args: argparse.Namespace) -> Any:
     from ..core.config import TrainConfig
 
     return TrainConfig(**{name: getattr(args, name) for name in TRAIN_FIELDS})
+
+
+def add_iterative_options(
+    parser: argparse.ArgumentParser, prefix: str, defaults: IterativeOptions | None = None
+) -> None:
+    """pty-chi's options (``IterativeOptions``) as ``<prefix>engine``, ``<prefix>epochs``, ...
+
+    ``defaults`` (e.g. the refinement's) replace the model's defaults; help still comes from the fields.
+    """
+    dest = "iterative_" if prefix != "--" else ""
+    defaults = defaults or IterativeOptions()
+    for name, flag in (
+        ("engine", "engine"),
+        ("epochs", "epochs"),
+        ("stop_tolerance", "tolerance"),
+        ("stop_window", "stop-window"),
+        ("min_epochs", "min-epochs"),
+        ("batch_size", "batch-size"),
+        ("object_step_size", "step-size"),
+        ("refine_probe", "refine-probe"),
+        ("device", "device"),
+    ):
+        add_field(parser, prefix + flag, IterativeOptions, name, dest=dest + name, default=getattr(defaults, name))
+
+
+def iterative_options(args: argparse.Namespace, dest: str) -> IterativeOptions:
+    """The ``IterativeOptions`` that the options with ``dest`` prefix describe (a bad value: one line)."""
+    values = {name: getattr(args, dest + name) for name in IterativeOptions.model_fields if hasattr(args, dest + name)}
+    try:
+        return IterativeOptions(**values)
+    except ValidationError as err:  # e.g. --device gpu: one line, not a traceback
+        raise ConfigurationError("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in err.errors())) from err

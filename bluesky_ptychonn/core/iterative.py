@@ -73,8 +73,10 @@ class IterativeOptions(Frozen):
             "object-probe rescaling is then switched off so the object keeps its absolute transmission."
         ),
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where to compute: 'auto' takes CUDA when torch sees a GPU, else the CPU."
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where to compute: 'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu' or 'cuda[:n]'.",
     )
     seed: int | None = Field(
         0,

@@ -23,6 +23,7 @@ def run_until_signalled(consumer: Consumer) -> None:
     stale = mark_stale_results(consumer.callback.client)
     if stale:
         logger.warning("results left running by an earlier consumer, now marked interrupted: %s", ", ".join(stale))
+
     def stop(*_: Any) -> None:
         # Ctrl-C stops as SIGTERM does, through the dispatcher's own loop (a KeyboardInterrupt inside
         # it left its receive task pending: "Task was destroyed"); a second Ctrl-C interrupts at once.

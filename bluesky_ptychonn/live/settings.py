@@ -136,7 +136,7 @@ class RefineSection(Frozen):
         description="Stop once the error falls by less than this fraction over 10 epochs; None runs all epochs.",
     )
     refine_probe: bool = Field(False, description="Also refine the probe.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where pty-chi computes.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where pty-chi computes.")
     run_timeout_s: float = Field(
         RUN_ARRIVAL_TIMEOUT_S, ge=0, description="Longest wait for the raw run's stop document to reach Tiled."
     )
