@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -39,17 +40,43 @@ def _commands() -> list[str]:
     return found
 
 
-def test_python_blocks_run_as_written(tmp_path):
+#: README commands quick enough to run on the recipe's server (the rest are parsed, and run by the workflow tests).
+QUICK = ("runs", "show", "models", "replay")
+
+
+def test_python_blocks_and_quick_commands_run_as_written(tmp_path):
+    """The Python blocks in order, then the quick archive commands against the run they made.
+
+    ``<uid>`` is that run; ``model.safetensors`` is the shipped base model copied under that name.
+    """
     blocks = [body for lang, body in BLOCKS if lang == "python"]
-    script = "\n".join(blocks) + "\narchive.close()\n"  # the recipe's server, stopped at the end
+    commands = [c for c in _commands() if c.split()[1] in QUICK and "--refine" not in c]
+    assert len(commands) >= 5, commands
+    script = "\n".join(blocks) + textwrap.dedent(
+        f"""
+        import os, shlex, shutil
+        from bluesky_ptychonn.cli import main
+        print("== commands")
+        os.environ["TILED_URI"] = archive.server.uri.split("?")[0]
+        os.environ["TILED_API_KEY"] = archive.server.api_key
+        shutil.copy(model, "model.safetensors")
+        for command in {commands!r}:
+            assert main(shlex.split(command.replace("<uid>", uid))[1:]) == 0, command
+        archive.close()
+        """
+    )
     (tmp_path / "readme.py").write_text(script)
     done = subprocess.run(
         [sys.executable, "readme.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    status, sample = done.stdout.splitlines()[-2:]
+    recipe, commands_out = done.stdout.split("== commands\n")
+    status, sample = recipe.splitlines()[-2:]
     assert status.startswith("complete 144 frames;") and "'phase': (" in status, done.stdout
     assert sample == "sim-features-0 (144, 64, 64)"
+    uid = next(p.stem for p in tmp_path.glob("*.png"))  # `show <uid>` wrote <uid's first 8>.png here
+    assert f'"figure": "{uid}.png"' in commands_out  # show
+    assert '"frames_done": 144' in commands_out and '"status": "complete"' in commands_out  # the replay
 
 
 def test_python_blocks_import_what_exists():
