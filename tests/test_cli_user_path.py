@@ -150,8 +150,15 @@ def test_show_runs_and_models(tiled_server, fly, checkpoint, tmp_path, monkeypat
     assert path.split("/")[1][:12] in capsys.readouterr().out
 
 
-def test_live_view_follows_the_run_in_memory_and_through_tiled(tiled_server, make_devices, checkpoint, tmp_path):
-    """The IPython live figure: documents pick the run, a timer redraws; the final image ends it."""
+def test_live_view_follows_the_run_in_memory_and_through_tiled(
+    tiled_server, make_devices, checkpoint, tmp_path, caplog
+):
+    """The IPython live figure: documents pick the run, a timer redraws; the final image ends it.
+
+    The run also logs one INFO line as it starts and one as it ends.
+    """
+    import logging
+
     import numpy as np
     from bluesky import RunEngine
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -171,8 +178,13 @@ def test_live_view_follows_the_run_in_memory_and_through_tiled(tiled_server, mak
 
     run_engine = RunEngine({})
     callback = PtychoNNCallback.from_checkpoint(
-        checkpoint, tiled_server.client, device="cpu", data_roots=[tiled_server.data_dir], live=FAST
+        checkpoint,
+        tiled_server.client,
+        device="cpu",
+        data_roots=[tiled_server.data_dir],
+        live=FAST,
     )
+    caplog.set_level(logging.INFO, logger="bluesky_ptychonn")
     view = LiveImageView(callback, figure=figure(), interval_s=0.2)
     run_engine.subscribe(callback)
     subscribe_archive(run_engine, tiled_server.client)
@@ -186,6 +198,9 @@ def test_live_view_follows_the_run_in_memory_and_through_tiled(tiled_server, mak
     drawn = np.ma.filled(view._images["phase"].get_array(), np.nan)
     np.testing.assert_allclose(drawn, np.where(image.weight > 0, image.phase, np.nan), atol=1e-6)
     assert view.figure._suptitle.get_text() == f"run {uid[:8]}: 24 frames, complete"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"run {uid[:8]}: ")]
+    assert "started (sample test-small, 24 points), model" in lines[0] and "on cpu" in lines[0]
+    assert lines[-1].startswith(f"run {uid[:8]}: complete, 24 frames in ") and "0 dropped" in lines[-1]
 
     remote = LiveImageView(tiled_server.client, figure=figure())
     remote("start", {"uid": uid, "time": 0.0})

@@ -184,3 +184,18 @@ def _wait_until(condition, timeout=30.0):
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
         time.sleep(0.02)
+
+
+def test_progress_is_logged_while_the_run_goes_on_when_asked(server, scan, predictor, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="bluesky_ptychonn")
+    options = FAST.model_copy(update={"progress_s": 0.01})
+    live = LiveReconstruction(
+        predictor, scan.grid, TiledSink(from_uri(server.uri), "run-p"), {"raw_uid": "run-p"}, options
+    )
+    live.submit(scan.frame_ids[:10], scan.frames[:10], scan.positions_m[:10])
+    _wait_until(lambda: any("10 frames so far" in r.getMessage() for r in caplog.records))
+    live.finish("complete")
+    assert live.wait(30)
+    assert caplog.records[-1].getMessage().startswith("run run-p: complete, 10 frames in ")

@@ -41,3 +41,6 @@ class LiveOptions(Frozen):
     idle_timeout_s: float = Field(
         3600.0, gt=0, description="A run with no frames and no stop for this long is finished as 'interrupted'."
     )
+    progress_s: float = Field(
+        0.0, ge=0, description="Log the frames done so far and their rate this often while a run goes on; 0 never."
+    )

@@ -35,6 +35,7 @@ class Publishing:
     _published_final: threading.Event
     _sink_has_image: bool
     _permanent: str | None
+    _first_frame: float | None
 
     def _prepare_sink(self) -> None:
         """Let the sink create the result before the first image (see ``TiledSink.prepare``); best effort."""
@@ -52,6 +53,7 @@ class Publishing:
     def _publish_loop(self) -> None:
         delay = self.options.retry_s
         give_up_at: float | None = None
+        progress_at = time.monotonic() + self.options.progress_s
         self._prepare_sink()
         while True:
             tick = time.monotonic()
@@ -66,6 +68,7 @@ class Publishing:
                         self._published_final.set()
                         self._log_final()
                         return
+                    progress_at = self._log_progress(progress_at)
                 else:
                     self._dirty.set()
                     if self._permanent:  # a wrong key stays wrong: one clear line, no 10 minutes of retries
@@ -85,6 +88,15 @@ class Publishing:
             # so a slow server cannot starve inference. Wakes at once when the run finishes.
             took = time.monotonic() - tick
             self._finished.wait(max(self.options.publish_interval_s - took, took))
+
+    def _log_progress(self, due: float) -> float:
+        """With ``progress_s``, one INFO line of frames so far and their rate when due; returns the next due time."""
+        if not self.options.progress_s or time.monotonic() < due:
+            return due
+        frames, first = self.metadata["frames_done"], self._first_frame
+        rate = frames / max(1e-9, time.time() - first) if first else 0.0
+        logger.info("run %s: %d frames so far, %.0f frames/s", str(self.metadata.get("raw_uid"))[:8], frames, rate)
+        return time.monotonic() + self.options.progress_s
 
     def _log_final(self) -> None:
         """One line per run: how it ended, what was lost, and where the time went."""
