@@ -21,6 +21,8 @@ BENCHMARKS = [
     "bench_consumer",
     "bench_trust",
     "bench_refine",
+    "bench_distributed",
+    "bench_reprocess",
 ]
 
 

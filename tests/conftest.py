@@ -3,17 +3,23 @@
 Starting Tiled's ``SimpleTiledServer`` costs 10-15 s on a 2-core machine (it initialises its
 catalog in a subprocess), so the server is shared by every test of the session; tests keep
 apart by run uid and by their own data folders under the server's readable ``data_dir``.
+``postgres_tiled`` is the same on a PostgreSQL catalog, served as a facility serves it.
 """
 
 from __future__ import annotations
 
+import secrets
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 
 from bluesky_ptychonn.core.config import DetectorGeometry
+
+if TYPE_CHECKING:
+    from postgres import PostgresServer
 
 
 class TiledServer(NamedTuple):
@@ -37,6 +43,66 @@ def tiled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServ
     archive = start_embedded_server(root / "detector", directory=root / "server")
     yield TiledServer(archive.server, archive.client, archive.raw, archive.data_dir)
     archive.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on loopback, in a temporary folder (see ``postgres.py``).
+
+    Skips the tests that use it, saying why, where PostgreSQL is not installed or will not start.
+    """
+    from postgres import PostgresUnavailable, start_postgres, stop_postgres
+
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as err:
+        pytest.skip(f"no PostgreSQL server for these tests: {err}")
+    yield server
+    stop_postgres(server.directory)
+
+
+class StartingServe(NamedTuple):
+    """A ``bluesky-ptychonn serve`` child that may still be starting, with its key and log."""
+
+    process: subprocess.Popen
+    api_key: str
+    root: Path
+
+
+@pytest.fixture(scope="session")
+def postgres_serve(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartingServe]:
+    """``bluesky-ptychonn serve --catalog postgresql+asyncpg://...`` as a facility runs it, not yet waited for.
+
+    Its start (about 15 s here) can overlap other work; ``postgres_tiled`` waits for it. The API
+    key and the database password travel in its environment. Stopped with SIGTERM at the end,
+    as a service manager stops it.
+    """
+    from tiled_servers import free_port, start_serve, stop_serve
+
+    root = tmp_path_factory.mktemp("tiled-postgres")
+    key = secrets.token_hex(16)
+    process = start_serve(
+        root / "server",
+        *("--catalog", postgres.uri, "-r", str(root / "detector"), "--port", str(free_port())),
+        env={"TILED_API_KEY": key, "PGPASSWORD": postgres.password},
+        log=root / "serve.log",
+    )
+    try:
+        yield StartingServe(process, key, root)
+    finally:
+        stop_serve(process)
+
+
+@pytest.fixture(scope="session")
+def postgres_tiled(postgres_serve: StartingServe) -> Iterator[TiledServer]:
+    """The Tiled server on PostgreSQL, once it serves; like ``tiled_server``, with the serve process as ``server``."""
+    from tiled.client import from_uri
+    from tiled_servers import serve_uri
+
+    uri = serve_uri(postgres_serve.process, postgres_serve.root / "serve.log")
+    client = from_uri(uri, api_key=postgres_serve.api_key)
+    yield TiledServer(postgres_serve.process, client, client["raw"], postgres_serve.root / "detector")
+    client.context.close()
 
 
 #: 32-pixel frames: small and fast where the frame size does not matter.

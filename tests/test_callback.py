@@ -172,9 +172,9 @@ def test_files_outside_the_data_roots_are_never_opened(tiled_server, make_device
     assert any("outside the configured data roots" in e for e in md["errors"])
 
 
-def _inline_run(frames, positions, section, frame_ids=None, **start_metadata):
+def _inline_run(frames, positions, section, frame_ids=None, uid=None, **start_metadata):
     """Documents of a run whose frames travel inline in one EventPage (no files)."""
-    bundle = event_model.compose_run(metadata={"ptychography": section, **start_metadata})
+    bundle = event_model.compose_run(uid=uid, metadata={"ptychography": section, **start_metadata})
     n = frames.shape[-1]
     desc = bundle.compose_descriptor(
         name="primary",

@@ -4,6 +4,7 @@ Also loads every file of ``callbacks/`` (the deployment surface), and checks the
 configuration: environment overrides, paths relative to the file, and an API key that stays secret.
 """
 
+import json
 import logging
 import os
 import pickle
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from datetime import datetime
 from pathlib import Path
 
 import h5py
@@ -30,8 +32,9 @@ from tiled_servers import free_port
 from tiny_models import write_tiny_checkpoint
 
 from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
-from bluesky_ptychonn.archive.replay import replay_run
+from bluesky_ptychonn.archive.replay import incomplete_runs
 from bluesky_ptychonn.archive.servers import subscribe_archive
+from bluesky_ptychonn.cli import main
 from bluesky_ptychonn.core.base_model import base_model_path
 from bluesky_ptychonn.core.checkpoint import CheckpointInfo, save_checkpoint
 from bluesky_ptychonn.core.config import NetworkConfig, PreprocessRecipe
@@ -118,7 +121,7 @@ class _Switchable:
         return self.encode(doc)
 
 
-def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_devices, tmp_path, environment):
+def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_devices, tmp_path, environment, capsys):
     checkpoint = tmp_path / "model.safetensors"
     write_tiny_checkpoint(checkpoint)
     zmq_in, zmq_out = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
@@ -238,14 +241,28 @@ def test_consumer_out_of_process_through_a_real_0mq_proxy(tiled_server, make_dev
         consumer.kill()
         consumer.wait(10)
         consumer.stderr.close()
+        # Left running by a dead consumer: stale once no update came for --stale-after-s.
+        assert [s for _, s in incomplete_runs(client, [client["raw"][killed_uid]], stale_after_s=0)] == ["stale"]
+        assert not incomplete_runs(client, [client["raw"][killed_uid]])  # a live consumer may still finish it
         consumer, lines = _start_consumer(config, env)
         lines.wait_for(f"started after run {killed_uid} began", poke=lambda: publisher(*killed_run[-1]))
         while time.monotonic() < deadline and _status(client, killed_uid) == "running":
             time.sleep(0.2)
         md = dict(client["processed"][killed_uid]["ptychonn"].metadata)
         assert md["status"] == "interrupted" and f"replay {killed_uid}" in md["reason"], md
-        replayed = replay_run(client["raw"][killed_uid], Predictor.from_checkpoint(checkpoint, device="cpu"), client)
-        assert replayed["status"] == "complete" and replayed["frames_done"] == len(frames), replayed
+        # `replay --incomplete` finds it among the runs since this test began and finishes it: the
+        # same image as the uninterrupted run of the same frames (`uid`).
+        environment.setenv("TILED_API_KEY", api_key)
+        since = datetime.fromtimestamp(client["raw"][uid].metadata["start"]["time"] - 1).isoformat()
+        args = ["replay", "--incomplete", "--since", since, "--checkpoint", str(checkpoint), "--tiled-uri", tiled_uri]
+        assert main(args) == 0
+        (replayed,) = json.loads(capsys.readouterr().out)
+        assert replayed["raw_uid"] == killed_uid and replayed["status"] == "complete", replayed
+        finished = client["processed"][killed_uid]["ptychonn"]
+        assert finished.metadata["frames_done"] == len(frames) and finished.metadata["source"] == "replay"
+        for key in ("amplitude", "phase"):
+            np.testing.assert_array_equal(finished[key].read(), client["processed"][uid]["ptychonn"][key].read())
+        assert main(args) == 0 and json.loads(capsys.readouterr().out) == []  # nothing left to finish
     finally:
         if publisher is not None:
             publisher.close()  # else the 0MQ context waits for it at exit

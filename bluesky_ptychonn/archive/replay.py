@@ -169,3 +169,37 @@ def replay_runs(
             result["refined"] = refine_run(run, client, options=refine_options, progress=progress)
         results.append(result)
     return results
+
+
+#: Live results in these states are final; any other, or none, leaves a stopped run to ``replay --incomplete``.
+FINAL = ("complete", "aborted")
+
+
+def incomplete_runs(client: Any, runs: Iterable[Any], *, stale_after_s: float | None = None) -> list[tuple[Any, str]]:
+    """The ptychography runs among ``runs`` that ended but whose live result is not final, with its state.
+
+    A run counts once its stop document is archived and its ``processed/<uid>/ptychonn`` is
+    missing (no consumer took it), ``interrupted`` (its consumer stopped or restarted), ``failed``,
+    or ``running`` with no update for ``stale_after_s`` seconds (its consumer died, or Tiled was
+    away past the retry limit; default
+    :data:`~bluesky_ptychonn.live.lifecycle.STALE_AFTER_S`). A run still acquiring is never taken.
+    """
+    from ..live.lifecycle import STALE_AFTER_S
+
+    stale_after_s = STALE_AFTER_S if stale_after_s is None else stale_after_s
+    processed = client[PROCESSED] if PROCESSED in client else {}
+    now, found = time.time(), []
+    for run in runs:
+        start = run.metadata["start"]
+        if not run.metadata.get("stop") or schema.SECTION not in start:
+            continue
+        uid = start["uid"]
+        results = processed[uid] if uid in processed else {}
+        md = dict(results[PTYCHONN].metadata) if PTYCHONN in results else {}
+        status = md.get("status", "missing")
+        updated = float(md.get("updated") or md.get("started") or 0)
+        if status in FINAL or (status == "running" and now - updated < stale_after_s):
+            continue
+        found.append((run, "stale" if status == "running" else status))
+    return found
+

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -165,7 +166,9 @@ class FacilityServer:
     readable : list of Path
         Detector data folders whose HDF5 files runs point at.
     catalog : str, optional
-        Database URI, e.g. ``postgresql://user@host/db``; default ``sqlite:///<directory>/catalog.db``.
+        Database URI, e.g. ``postgresql://user@host:5432/db`` (the database must exist; its tables
+        are created on first start); default ``sqlite:///<directory>/catalog.db``. No password in
+        it: tiled's command line would show it; the child reads ``PGPASSWORD`` or ``~/.pgpass``.
     tables : str, optional
         Tabular storage URI; default ``duckdb:///<directory>/tables.duckdb``.
     host, port : str, int
@@ -194,6 +197,11 @@ class FacilityServer:
         self.readable = [Path(p).resolve() for p in self.readable]
         if self.catalog and not self.catalog.startswith(("sqlite", "postgresql")):
             raise ConfigurationError(f"catalog must be a sqlite:/// or postgresql:// URI, got {self.catalog!r}")
+        if self.catalog and urllib.parse.urlsplit(self.catalog).password is not None:
+            raise ConfigurationError(
+                "the catalog URI holds a password, which ps would show on tiled's command line: "
+                "leave it out and set PGPASSWORD or use ~/.pgpass"
+            )
         if self.host not in _LOOPBACK:
             logger.warning("Tiled will listen on %s, beyond this machine: keep the API key secret", self.host)
 
@@ -234,6 +242,7 @@ class FacilityServer:
         """Start the child, wait until it answers, make sure ``raw`` exists; return the child."""
         import httpx
 
+        self.check_catalog()
         (self.directory / "data").mkdir(parents=True, exist_ok=True)
         for path in self.readable:
             path.mkdir(parents=True, exist_ok=True)
@@ -260,6 +269,38 @@ class FacilityServer:
         client, _ = connect(self.uri, api_key=self.api_key)
         client.context.close()
         return process
+
+    def check_catalog(self, timeout_s: float = 10.0) -> None:
+        """Open a PostgreSQL catalog once before starting tiled; raise ``ConfigurationError`` if it fails.
+
+        A wrong address, database or password is then one clear error within seconds, not
+        tiled's page of traceback after its slow start.
+        """
+        catalog = self.catalog
+        if not catalog or not catalog.startswith("postgresql"):
+            return
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from tiled.utils import ensure_specified_sql_driver
+
+        async def probe() -> None:
+            engine = create_async_engine(ensure_specified_sql_driver(catalog))
+            try:
+                async with engine.connect():
+                    pass
+            finally:
+                await engine.dispose()
+
+        try:  # in a thread of its own: the caller may be inside an event loop (Jupyter)
+            with ThreadPoolExecutor(1) as pool:
+                pool.submit(asyncio.run, asyncio.wait_for(probe(), timeout_s)).result()
+        except Exception as err:  # asyncpg's and OSError's, whatever the fault: all mean the same here
+            raise ConfigurationError(
+                f"cannot open the catalog database {catalog}: {type(err).__name__}: {err} "
+                "(is PostgreSQL listening there, does the database exist, is PGPASSWORD set?)"
+            ) from err
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """Terminate the child (SIGTERM, then SIGKILL after ``timeout_s``); return its exit code."""

@@ -8,6 +8,10 @@ stored pty-chi reconstructions (computed when missing) or, for simulated runs, t
 consumer's :class:`~bluesky_ptychonn.live.service.ModelWatcher` never reads half a file. A model can be
 registered at ``models/<content hash>`` in Tiled so that every result's ``model_hash`` leads to
 the runs and label source behind it.
+
+Under ``torchrun`` (:mod:`~bluesky_ptychonn.core.distributed`) every process reads the runs and
+trains its share; iterative labels missing from Tiled are computed and stored by the writer alone
+(the others wait, then read them), and only the writer writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -146,6 +150,37 @@ def training_set_from_runs(
     return TrainingSet.concatenate(parts)
 
 
+def _training_set_everywhere(
+    catalog: Any, uids_or_queries: Iterable[Any], *, label_source: LabelSource, device: str, **kwargs: Any
+) -> TrainingSet:
+    """:func:`training_set_from_runs` in every process; missing iterative labels are stored by the writer first.
+
+    Raises :class:`RunError` in every process when they did not select the same runs (a query such as
+    ``--newest`` can match a run that arrived while the writer computed labels).
+    """
+    import hashlib
+
+    import torch
+
+    from ..core import distributed
+
+    def make() -> TrainingSet:
+        return training_set_from_runs(catalog, uids_or_queries, label_source=label_source, **kwargs)
+
+    data = distributed.writer_first(make, device) if label_source == "iterative" else make()
+    dev = distributed.start(device)
+    if distributed.world_size() > 1:
+        uids = ",".join(str(s["run_uid"]) for s in data.sources)
+        digest = float(int(hashlib.sha256(uids.encode()).hexdigest()[:12], 16))  # 48 bits: exact in a float64
+        differs = float(distributed.agree([digest], dev)[0] != digest)
+        if float(distributed.total(torch.tensor(differs, dtype=torch.float64, device=dev))):
+            raise RunError(
+                f"the processes selected different runs (this one: {uids}); the selection changed while they read "
+                "it: name the runs by uid"
+            )
+    return data
+
+
 def _run_provenance(data: TrainingSet, label_source: str) -> dict[str, Any]:
     return {"run_uids": [s["run_uid"] for s in data.sources], "label_source": label_source}
 
@@ -176,8 +211,10 @@ def train_from_runs(
     pretrained model instead (a checkpoint path, a shipped base model's name, or ``"auto"``: the
     shipped base for the runs' geometry, if there is one); its network and recipe then replace
     ``network``, ``transform`` and ``recipe``. The provenance holds ``run_uids``, ``label_source``
-    and each run's source; with ``out`` the checkpoint is written there, atomically.
+    and each run's source; with ``out`` the checkpoint is written there, atomically (by the writer
+    alone under ``torchrun``, see the module's docstring).
     """
+    from ..core import distributed
     from ..core.checkpoint import load_model, save_checkpoint
     from ..core.config import NetworkConfig, PreprocessRecipe
     from ..core.training import fit
@@ -188,10 +225,11 @@ def train_from_runs(
     if base_path is not None:
         base_model, base_info = load_model(base_path, "cpu")
         network, recipe, initial_state = base_info.network, base_info.recipe, base_model.state_dict()
-    data = training_set_from_runs(
+    data = _training_set_everywhere(
         catalog,
         uids_or_queries,
         label_source=label_source,
+        device=device,
         lines=lines,
         client=client,
         iterative_options=iterative_options,
@@ -215,7 +253,7 @@ def train_from_runs(
     info.provenance.update(_run_provenance(data, label_source))
     if base_info is not None:
         info.provenance["fine_tuned_from"] = {"base": str(base), "content_hash": base_info.content_hash}
-    if out is not None:
+    if out is not None and distributed.is_writer():
         info = save_checkpoint(out, model, info)  # atomic: written beside ``out``, then renamed over it
     return model, info
 
@@ -273,16 +311,18 @@ def fine_tune(
     checkpoint goes to ``out`` (default: ``checkpoint`` itself, replaced atomically) and its
     provenance names the model it came from.
     """
+    from ..core import distributed
     from ..core.checkpoint import load_model, save_checkpoint
     from ..core.config import TrainConfig
     from ..core.training import fit
 
     checkpoint, out = _start_from(checkpoint, out)
     base, base_info = load_model(checkpoint, "cpu")
-    data = training_set_from_runs(
+    data = _training_set_everywhere(
         catalog,
         uids_or_queries,
         label_source=label_source,
+        device=device,
         lines=lines,
         client=client,
         iterative_options=iterative_options,
@@ -308,7 +348,8 @@ def fine_tune(
         "run_uids": base_info.provenance.get("run_uids", []),
         "label_source": base_info.provenance.get("label_source"),
     }
-    info = save_checkpoint(out, model, info)  # atomic, see save_checkpoint
+    if distributed.is_writer():
+        info = save_checkpoint(out, model, info)  # atomic, see save_checkpoint
     return model, info
 
 

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; prints the command's result as JSON. Exit 2 on a bad input, with the reason."""
+    """Entry point; prints the command's result as JSON. Exit 2 on a bad input, with the reason; 1 when
+    some runs of a batch failed (each one's summary says why)."""
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose + (args.command == "consume"))  # a service logs one line per run
     try:
@@ -55,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
+    failed = [r for r in result if isinstance(r, dict) and "error" in r] if isinstance(result, list) else []
+    if failed:  # a batch goes on past a failed run, and says so in its exit status
+        print(f"bluesky-ptychonn {args.command}: {len(failed)} of {len(result)} runs failed", file=sys.stderr)
+        return 1
     return 0
 
 

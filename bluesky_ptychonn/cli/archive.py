@@ -16,9 +16,11 @@ from ..core.config import TrainConfig
 from ..core.engine import LiveOptions
 from ..core.refine import REFINE_OPTIONS
 from ..errors import ConfigurationError
-from ..tiled_paths import ITERATIVE, PTYCHONN, processed_path
+from ..live.lifecycle import STALE_AFTER_S
+from ..tiled_paths import PTYCHONN
 from .options import (
     API_KEY_ENV,
+    add_cluster_arguments,
     add_command,
     add_field,
     add_iterative_options,
@@ -28,6 +30,8 @@ from .options import (
     add_training_options,
     connect_from_args,
     iterative_options,
+    labels_on_cluster,
+    map_selected,
     model_file,
     runs_from_args,
     training_config,
@@ -41,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         "run a persistent Tiled server with the 'raw' catalog of Bluesky runs",
         """  TILED_API_KEY=secret bluesky-ptychonn serve ./archive -r ./data
-  bluesky-ptychonn serve ./archive -r ./data --api-key-file key.txt --host 0.0.0.0 --public""",
+  bluesky-ptychonn serve ./archive -r ./data --api-key-file key.txt --host 0.0.0.0 --public
+  PGPASSWORD=... bluesky-ptychonn serve ./archive -r ./data --catalog postgresql://tiled@db:5432/tiled""",
         "Its web UI answers at http://HOST:PORT/ui/ once it runs.",
     )
     p.add_argument("directory", type=Path, help="folder for the catalog, array data and tables")
@@ -53,7 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="detector data folder the server may read (repeat for several)",
     )
-    p.add_argument("--catalog", default=None, help="catalog database URI (default: SQLite in DIRECTORY)")
+    p.add_argument(
+        "--catalog",
+        default=None,
+        help="catalog database URI (default: SQLite in DIRECTORY), e.g. postgresql://tiled@db:5432/tiled with the "
+        "password in $PGPASSWORD or ~/.pgpass, never in the URI",
+    )
     p.add_argument("--tables", default=None, help="tabular storage URI (default: DuckDB in DIRECTORY)")
     p.add_argument(
         "--api-key-file",
@@ -91,6 +101,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--refine", action="store_true", help="then refine each run with pty-chi from its new image (see `refine`)"
     )
+    p.add_argument(
+        "--incomplete",
+        action="store_true",
+        help="only the selected (default: all) ended runs whose live result is missing, interrupted, failed or stale",
+    )
+    p.add_argument(
+        "--stale-after-s",
+        type=float,
+        default=STALE_AFTER_S,
+        help=f"with --incomplete, a result still 'running' after this long is stale (default {STALE_AFTER_S:.0f})",
+    )
+    add_cluster_arguments(p)
     p.set_defaults(func=replay)
 
     p = add_command(
@@ -104,6 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_selection_arguments(p)
     add_iterative_options(p, "--")
     p.add_argument("--photons-per-frame", type=float, default=None, help="flux (default: the run's metadata)")
+    add_cluster_arguments(p)
     p.set_defaults(func=iterative)
 
     p = add_command(
@@ -128,6 +151,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="model (file or base model name) to replay a run with when it has no PtychoNN result",
     )
     p.add_argument("--photons-per-frame", type=float, default=None, help="flux (default: the run's metadata)")
+    add_cluster_arguments(p)
     p.set_defaults(func=refine)
 
     p = add_command(
@@ -205,6 +229,7 @@ def _add_run_training(p: argparse.ArgumentParser, labels_required: bool = True) 
     p.add_argument("--lines", type=float, default=1.0, help="use the first fraction of each run's scan lines")
     add_iterative_options(p, "--iterative-")
     p.add_argument("--no-register", action="store_true", help="do not describe the model at models/<hash> in Tiled")
+    add_cluster_arguments(p)  # where missing iterative labels are made; training itself runs under torchrun
 
 
 def serve(args: argparse.Namespace) -> dict:
@@ -260,90 +285,62 @@ def _serve_api_key(path: Path | None) -> str:
 
 def replay(args: argparse.Namespace) -> list[dict]:
     """``replay``: reconstruct the selected runs again; returns one summary per run."""
-    from ..archive.replay import replay_runs
-    from ..core.inference import Predictor
+    from ..archive.runs import check_ptychography
+    from ..archive.tasks import replay_task
 
-    client, raw, items = runs_from_args(args)
-    predictor = Predictor.from_checkpoint(model_file(args.checkpoint), device=args.device)
-    results = replay_runs(
-        raw,
-        items,
-        predictor,
+    if args.refine and args.name != PTYCHONN:
+        raise ConfigurationError(
+            f"--refine seeds from processed/<uid>/{PTYCHONN}, not from a replay named {args.name!r}"
+        )
+    client, raw, uids = runs_from_args(args)
+    check_ptychography(raw[uid] for uid in uids)
+    checkpoint = model_file(args.checkpoint).resolve()
+    if not checkpoint.is_file():
+        raise ConfigurationError(f"no checkpoint {checkpoint}")
+    return map_selected(
+        args,
+        replay_task,
         client,
+        uids,
+        checkpoint=str(checkpoint),
+        device=args.device,
         options=LiveOptions(batch_size=args.batch_size),
         replace=not args.keep,
         name=args.name,
         refine=args.refine,
     )
-    keys = ("raw_uid", "path", "status", "frames_done", "frames_dropped", "frames_duplicate", "model_hash")
-    return [
-        {k: r.get(k) for k in keys}
-        | {"errors": r["errors"]}
-        | ({"refined": _refine_summary(r["refined"])} if "refined" in r else {})
-        for r in results
-    ]
 
 
 def iterative(args: argparse.Namespace) -> list[dict]:
     """``iterative``: pty-chi reconstructions of the selected runs into Tiled; one summary per run."""
-    from ..archive.labels import iterative_run
-    from ..archive.runs import check_ptychography, select
+    from ..archive.runs import check_ptychography
+    from ..archive.tasks import iterative_task
 
     options = iterative_options(args, "")
-    client, raw, items = runs_from_args(args)
-    runs = select(raw, items)
-    check_ptychography(runs)
-    summaries = []
-    for run in runs:
-        result = iterative_run(run, client, options, photons_per_frame=args.photons_per_frame, progress=True)
-        uid = run.metadata["start"]["uid"]
-        summaries.append(
-            {
-                "raw_uid": uid,
-                "path": processed_path(uid, ITERATIVE),
-                "engine": result.engine,
-                "epochs": result.epochs,
-                "frames": result.frames,
-                "final_error": result.error_per_epoch[-1] if result.error_per_epoch else None,
-                "seconds": result.seconds,
-                "device": result.device,
-            }
-        )
-    return summaries
+    client, raw, uids = runs_from_args(args)
+    check_ptychography(raw[uid] for uid in uids)
+    return map_selected(args, iterative_task, client, uids, options=options, photons_per_frame=args.photons_per_frame)
 
 
 def refine(args: argparse.Namespace) -> list[dict]:
     """``refine``: pty-chi seeded with each selected run's PtychoNN image; one summary per run."""
-    from ..archive.refine import refine_runs
-    from ..core.inference import Predictor
+    from ..archive.runs import check_ptychography
+    from ..archive.tasks import refine_task
 
-    client, raw, items = runs_from_args(args)
-    predictor = (
-        None if args.checkpoint is None else Predictor.from_checkpoint(model_file(args.checkpoint), device=args.device)
-    )
-    results = refine_runs(
-        raw,
-        items,
+    client, raw, uids = runs_from_args(args)
+    check_ptychography(raw[uid] for uid in uids)
+    checkpoint = None if args.checkpoint is None else str(model_file(args.checkpoint).resolve())
+    return map_selected(
+        args,
+        refine_task,
         client,
+        uids,
         options=iterative_options(args, ""),
         seed=args.seed_source,
-        predictor=predictor,
+        checkpoint=checkpoint,
+        device=args.device,
         photons_per_frame=args.photons_per_frame,
-        progress=True,
     )
-    return [_refine_summary(r) for r in results]
-
-
-def _refine_summary(metadata: dict) -> dict:
-    """The lines of a refinement's metadata worth printing."""
-    keys = ("raw_uid", "path", "status", "engine", "epochs", "max_epochs", "stopped_by", "seconds", "device")
-    errors = metadata.get("error_per_epoch") or [None]
-    return {k: metadata.get(k) for k in keys} | {
-        "final_error": errors[-1],
-        "seed": metadata["seed"]["source"],
-        "seed_replayed": metadata["seed"].get("replayed", False),
-        "probe_source": metadata["probe"]["source"],
-    }
 
 
 def _summary(args: argparse.Namespace, client: Any, path: Path, info: Any) -> dict:
@@ -359,11 +356,13 @@ def _summary(args: argparse.Namespace, client: Any, path: Path, info: Any) -> di
     }
 
 
-def train_runs(args: argparse.Namespace) -> dict:
-    """``train-runs``: train a new model on the selected runs, register it; returns its summary."""
+def train_runs(args: argparse.Namespace) -> dict | None:
+    """``train-runs``: train a new model on the selected runs, register it; returns its summary (writer only)."""
     from ..archive.training import train_from_runs
+    from ..core import distributed
 
     client, raw, items = runs_from_args(args)
+    labels_on_cluster(args, client, items)
     if args.epochs is None:  # minutes on a CPU from a base model; a new network needs more
         args.epochs = TrainConfig().epochs if args.from_scratch else FINE_TUNE_EPOCHS
     _, info = train_from_runs(
@@ -381,12 +380,13 @@ def train_runs(args: argparse.Namespace) -> dict:
         out=args.out,
         base=None if args.from_scratch else args.base,
     )
-    return _summary(args, client, args.out, info)
+    return _summary(args, client, args.out, info) if distributed.is_writer() else None
 
 
-def fine_tune(args: argparse.Namespace) -> dict:
-    """``fine-tune``: continue training a checkpoint on the newest selected runs; returns its summary."""
+def fine_tune(args: argparse.Namespace) -> dict | None:
+    """``fine-tune``: continue training a checkpoint on the newest selected runs; returns its summary (writer only)."""
     from ..archive.training import fine_tune
+    from ..core import distributed
 
     client, raw, items = runs_from_args(args)
     out = args.out or args.checkpoint
@@ -398,9 +398,10 @@ def fine_tune(args: argparse.Namespace) -> dict:
         _, info = adapt_to_run(
             args.checkpoint, raw, items[0], out=args.out, minutes=args.minutes, client=client, device=args.device
         )
-        return _summary(args, client, out, info)
+        return _summary(args, client, out, info) if distributed.is_writer() else None
     if args.labels is None:
         raise ConfigurationError("fine-tune needs --labels (iterative or truth), or --self-supervised")
+    labels_on_cluster(args, client, items)
     config = training_config(args)
     _, info = fine_tune(
         args.checkpoint,
@@ -417,4 +418,4 @@ def fine_tune(args: argparse.Namespace) -> dict:
         iterative_options=iterative_options(args, "iterative_"),
         device=args.device,
     )
-    return _summary(args, client, out, info)
+    return _summary(args, client, out, info) if distributed.is_writer() else None

@@ -110,11 +110,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=reconstruct)
 
 
-def pretrain(args: argparse.Namespace) -> dict:
-    """``pretrain``: a base model from the simulated family; returns its summary."""
+def pretrain(args: argparse.Namespace) -> dict | None:
+    """``pretrain``: a base model from the simulated family; returns its summary (None but in the writer).
+
+    Under ``torchrun`` each process simulates its own stream (seed + rank) and only the writer
+    (rank 0, whose stream is the one-process stream) writes the checkpoint.
+    """
     import shlex
     import sys
 
+    from ..core import distributed
     from ..core.config import NetworkConfig
     from ..errors import ConfigurationError
     from ..files.scanfile import read_scan
@@ -126,7 +131,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         seed=args.seed,
         **{k: getattr(args, k) for k in ("steps", "learning_rate", "physics_weight", "overlap_weight", "loss_window")},
     )
-    family = FamilyConfig(seed=args.seed)
+    family = FamilyConfig(seed=args.seed + distributed.rank())
     probe = None
     if args.probe_from is not None:
         probe = read_scan(args.probe_from).probe
@@ -139,10 +144,12 @@ def pretrain(args: argparse.Namespace) -> dict:
         NetworkConfig.preset(args.network).model_copy(update={"batch_norm": True}),
         config,
         probe=probe,
-        out=args.out,
-        device=args.device,
+        out=args.out if distributed.is_writer() else None,
+        device=str(distributed.start(args.device)),  # under torchrun: this process's GPU
         command="bluesky-ptychonn " + shlex.join(sys.argv[1:]),
     )
+    if not distributed.is_writer():
+        return None
     keys = ("steps", "frames_seen", "train_seconds", "device")
     return (
         {"checkpoint": str(args.out), "content_hash": info.content_hash}
@@ -186,8 +193,9 @@ def _model_config(args: argparse.Namespace, frame_shape: tuple[int, int], patch_
     return network, PreprocessRecipe(frame_shape=frame_shape, transform=transform)
 
 
-def train(args: argparse.Namespace) -> dict:
-    """``train``: fit a model on scan files and write its checkpoint; returns the metrics."""
+def train(args: argparse.Namespace) -> dict | None:
+    """``train``: fit a model on scan files and write its checkpoint; returns the metrics (None but in the writer)."""
+    from ..core import distributed
     from ..core.checkpoint import save_checkpoint
     from ..core.training import choose_transform, fit
     from ..files.datasets import training_set_from_files
@@ -203,6 +211,8 @@ def train(args: argparse.Namespace) -> dict:
     model, info = fit(data, network, recipe, config, device=args.device)
     if scores:
         info.metrics["transform_trials"] = scores
+    if not distributed.is_writer():
+        return None
     info = save_checkpoint(args.out, model, info)
     return {
         "checkpoint": str(args.out),

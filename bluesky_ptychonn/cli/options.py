@@ -4,6 +4,7 @@ the run selection of the archive commands."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import typing
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ..core.iterative import IterativeOptions
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, RunError
+
+logger = logging.getLogger(__name__)
 
 #: Where the command line looks for the Tiled API key unless told otherwise.
 API_KEY_ENV = "TILED_API_KEY"
@@ -161,7 +164,8 @@ def add_selection_arguments(parser: argparse.ArgumentParser, *, dry_run: bool = 
 def runs_from_args(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """Connect as the arguments say; return (root client, raw catalog, uids of the selected runs).
 
-    The selection follows :data:`SELECTION_RULE`.
+    The selection follows :data:`SELECTION_RULE`. With ``--incomplete`` (``replay``) only the
+    selected runs whose live result is not final are kept, and no selection means every run.
     """
     from ..archive.runs import queries_for, select_matching
 
@@ -169,8 +173,77 @@ def runs_from_args(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     conditions = [r for r in args.runs if "=" in r] + list(args.where)
     queries = queries_for(conditions, since=args.since, until=args.until, plan_name=args.plan_name)
     client, raw = connect_from_args(args)
-    runs = select_matching(raw, uids, queries)
-    return client, raw, [run.metadata["start"]["uid"] for run in runs]
+    if not getattr(args, "incomplete", False):
+        runs = select_matching(raw, uids, queries)
+        return client, raw, [run.metadata["start"]["uid"] for run in runs]
+    from ..archive.replay import incomplete_runs
+
+    chosen = select_matching(raw, uids, queries) if uids or queries else raw.values()
+    found = incomplete_runs(client, chosen, stale_after_s=args.stale_after_s)
+    for run, state in found:
+        logger.warning("run %s: its live result is %s", run.metadata["start"]["uid"], state)
+    return client, raw, [run.metadata["start"]["uid"] for run, _ in found]
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workers and --scheduler: many runs at once on Dask (:mod:`~bluesky_ptychonn.archive.cluster`)."""
+    group = parser.add_argument_group(
+        "cluster",
+        "One task per run on Dask; each worker reads its run and writes its result through Tiled, with the key "
+        "from its own environment (--api-key-env). Model files must be readable by every worker.",
+    )
+    group.add_argument(
+        "--workers", type=int, default=1, help="start a local Dask cluster of this many processes (default 1: none)"
+    )
+    group.add_argument(
+        "--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786, e.g. dask-jobqueue's)"
+    )
+
+
+def map_selected(args: argparse.Namespace, task: Any, client: Any, uids: list[str], **options: Any) -> list[dict]:
+    """``task`` over the selected runs, in this process or on the cluster the arguments name."""
+    from ..archive.cluster import map_runs
+
+    here = args.scheduler is None and args.workers <= 1
+    if args.workers < 1:
+        raise ConfigurationError(f"--workers must be at least 1, got {args.workers}")
+    kwargs = {"progress": True} if here and len(uids) == 1 else {}  # frame/epoch bars for one run here
+    return map_runs(
+        task,
+        uids,
+        client,
+        api_key_env=args.api_key_env,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        **options,
+        **kwargs,
+    )
+
+
+def labels_on_cluster(args: argparse.Namespace, client: Any, uids: list[str]) -> None:
+    """``--labels iterative`` with --workers/--scheduler: the runs' missing pty-chi labels, one Dask task per run.
+
+    Training then reads them from Tiled; a run whose labels could not be made stops the training, naming it.
+    """
+    from ..archive.tasks import iterative_task
+    from ..core import distributed
+    from ..tiled_paths import ITERATIVE, processed_path
+
+    if args.labels != "iterative" or (args.scheduler is None and args.workers <= 1) or not distributed.is_writer():
+        return
+
+    def stored(uid: str) -> bool:
+        try:
+            return client[processed_path(uid, ITERATIVE)].metadata.get("status") == "complete"
+        except KeyError:
+            return False
+
+    missing = [uid for uid in uids if not stored(uid)]
+    logger.warning("iterative labels of %d of %d runs to make on the cluster", len(missing), len(uids))
+    options = iterative_options(args, "iterative_")
+    failed = [r for r in map_selected(args, iterative_task, client, missing, options=options) if "error" in r]
+    if failed:
+        raise RunError("no iterative labels for " + "; ".join(f"run {r['raw_uid']}: {r['error']}" for r in failed))
 
 
 def model_file(text: str | Path) -> Path:

@@ -13,6 +13,10 @@ The learning rate follows a cosine from ``learning_rate`` to ``min_learning_rate
 budget (steps or seconds, whichever ends first). The best weights on fixed validation batches
 are kept, and written to ``out`` every ``checkpoint_every_s`` seconds, so an interrupted run
 leaves a usable checkpoint behind.
+
+Under ``torchrun`` (:mod:`~bluesky_ptychonn.core.distributed`) each process trains on its own
+stream (the caller seeds it by rank) and DistributedDataParallel averages the gradients: a step
+sees ``world_size`` batches. The writer's clock, recipe scale and validation decide for all.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ import torch
 from pydantic import Field
 
 from ..errors import ConfigurationError
+from . import distributed
 from .checkpoint import CheckpointInfo, save_checkpoint
 from .config import Frozen, NetworkConfig, PreprocessRecipe
 from .consistency import unsupported_reason
-from .device import choose_device
 from .network import PtychoNN
 from .physics_loss import PhysicsBatch, overlap_loss, poisson_deviance
 from .preprocess import orientation_only, preprocess
@@ -120,6 +124,11 @@ def fit_stream(
     its ``scale`` is used as given. ``initial_state`` starts from those weights (adaptation).
     The checkpoint's provenance holds ``provenance`` plus the configuration, steps, frames seen,
     seconds and the device; its metrics the validation history.
+
+    Under ``torchrun`` each process must be given its own ``batches`` (else every process computes
+    the same gradient); ``validation`` and ``recipe`` may differ too, but the writer's recipe scale
+    is used everywhere, its validation picks the weights kept, and only the writer writes ``out``.
+    ``frames_seen`` counts every process's frames.
     """
     config = config or StreamConfig()
     reason = unsupported_reason(recipe, (network.input_pixels, network.input_pixels))
@@ -128,7 +137,9 @@ def fit_stream(
     if not validation:
         raise ConfigurationError("fit_stream needs at least one validation batch")
     torch.manual_seed(config.seed)
-    dev = choose_device(device)
+    dev = distributed.start(device)
+    if distributed.world_size() > 1:  # every process preprocesses as the writer does
+        recipe = recipe.model_copy(update={"scale": distributed.agree([recipe.scale], dev)[0]})
     autocast = config.mixed_precision and dev.type == "cuda"
     n = network.input_pixels
     window = patch_window(n, config.loss_window)
@@ -136,10 +147,12 @@ def fit_stream(
     model = PtychoNN(network).to(dev).to(memory_format=torch.channels_last)
     if initial_state is not None:
         model.load_state_dict(initial_state)
+    net = distributed.wrap(model, dev)  # DistributedDataParallel under torchrun, else ``model``
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     held_out = [_Step(b, recipe, weight, dev) for b in validation]
 
     def validate() -> dict[str, float]:
+        distributed.sync_buffers(model)  # the writer's running statistics: the weights kept are the same everywhere
         model.eval()
         sums: dict[str, float] = {}
         with torch.inference_mode():
@@ -153,7 +166,11 @@ def fit_stream(
     best = validate()
     best_state, best_step, history = copy.deepcopy(model.state_dict()), 0, [{"step": 0, "seconds": 0.0, **best}]
     started = last_save = time.perf_counter()
-    frames_seen = 0
+    frames_seen = mine = 0  # every process's frames (counted at validations), this process's
+
+    def clock() -> float:
+        """Seconds since the start by the writer's clock, so every process stops at the same step."""
+        return distributed.agree([time.perf_counter() - started], dev)[0]
 
     def save() -> CheckpointInfo:
         """The checkpoint of the best weights so far (written to ``out`` when given)."""
@@ -168,20 +185,21 @@ def fit_stream(
                 "frames_seen": int(frames_seen),
                 "train_seconds": float(last["seconds"]),
                 "device": _device_name(dev),
+                "distributed": distributed.describe(),
                 "torch": torch.__version__,
             },
             metrics={"best_validation": best, "best_step": best_step, "history": history},
         )
-        if out is None:
+        if out is None or not distributed.is_writer():
             return info
         snapshot = PtychoNN(network)
         snapshot.load_state_dict({k: v.detach().cpu() for k, v in best_state.items()})
         return save_checkpoint(out, snapshot, info)
 
-    bar = _progress(config.steps, progress)
+    bar = _progress(config.steps, progress and distributed.is_writer())
     iterator: Iterator[PhysicsBatch] = iter(batches)
     for step in range(1, config.steps + 1):
-        elapsed = time.perf_counter() - started
+        elapsed = clock()
         done = max((step - 1) / config.steps, elapsed / config.budget_s if config.budget_s else 0.0)
         if done >= 1:
             break
@@ -191,27 +209,35 @@ def fit_stream(
         for group in optimiser.param_groups:
             group["lr"] = lr
         batch = next(iterator)
-        frames_seen += len(batch.frames)
-        losses = _Step(batch, recipe, weight, dev).losses(model, config, autocast)
+        mine += len(batch.frames)
+        losses = _Step(batch, recipe, weight, dev).losses(net, config, autocast)
         optimiser.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimiser.step()
         bar.update(1)
-        elapsed = time.perf_counter() - started
+        elapsed = clock()
         if step % config.validate_every == 0 or step == config.steps or elapsed >= (config.budget_s or math.inf):
+            frames_seen = _frames_everywhere(mine, dev)
             figures = validate()
             history.append({"step": step, "seconds": round(elapsed, 1), "lr": lr, **figures})
-            if figures[key] < best[key]:
+            if distributed.agree([figures[key] < best[key]], dev)[0]:
                 best, best_step, best_state = figures, step, copy.deepcopy(model.state_dict())
             bar.set_postfix({k: f"{v:.4f}" for k, v in figures.items()})
-            logger.info("step %d (%.0f s) lr %.1e validation %s", step, elapsed, lr, figures)
+            if distributed.is_writer():
+                logger.info("step %d (%.0f s) lr %.1e validation %s", step, elapsed, lr, figures)
             if out is not None and time.perf_counter() - last_save > config.checkpoint_every_s:
                 save()
                 last_save = time.perf_counter()
     bar.close()
+    frames_seen = _frames_everywhere(mine, dev)
     info = save()
     model.load_state_dict(best_state)
     return model.to(memory_format=torch.contiguous_format).eval(), info
+
+
+def _frames_everywhere(mine: int, dev: torch.device) -> int:
+    """The frames every process has trained on, ``mine`` in this one."""
+    return int(distributed.total(torch.tensor(mine, dtype=torch.int64, device=dev)))
 
 
 def _progress(total: int, enabled: bool) -> Any:

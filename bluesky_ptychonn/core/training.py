@@ -3,6 +3,10 @@
 Validation frames are a spatially separate block of each scan (the last rows along y), never a
 random sample: neighbouring scan points share most of their pixels, so a random split leaks the
 validation set into training and cannot tell a model that generalises from one that memorises.
+
+Under ``torchrun`` (:mod:`~bluesky_ptychonn.core.distributed`) every process draws the same
+permutation and takes its share of each global batch; DistributedDataParallel averages the
+gradients, so several processes train the model one process would, up to rounding.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError
+from . import distributed
 from .checkpoint import CheckpointInfo
 from .config import NetworkConfig, PreprocessRecipe, TrainConfig
-from .device import choose_device
 from .network import PtychoNN
 from .preprocess import check_frames, fitted_scale, preprocess
 from .stitching import patch_window
@@ -120,6 +124,12 @@ def fit(
     ``fit_scale`` replaces ``recipe.scale`` by :func:`~bluesky_ptychonn.core.preprocess.fitted_scale`
     of the training frames. With ``progress`` a tqdm bar shows epochs and losses.
     ``initial_state`` (a state dict of ``network``) starts from those weights: fine-tuning.
+
+    Under ``torchrun`` each process takes ``batch[rank::world_size]`` of every global batch of
+    ``config.batch_size`` frames (the same permutation everywhere, from ``config.seed``) and scales its
+    loss by its share, so the averaged gradient is the one-process gradient of the whole batch.
+    Validation is sharded and summed, so the learning-rate schedule and early stopping decide alike
+    everywhere; every process returns the same model and info, and only the writer shows progress.
     """
     config = config or TrainConfig()
     if data.amplitude.shape[1:] != (network.input_pixels, network.input_pixels):
@@ -141,9 +151,10 @@ def fit(
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
+    dev = distributed.start(device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    dev = choose_device(device)
+    rank, world = distributed.rank(), distributed.world_size()
     autocast = config.mixed_precision and dev.type == "cuda"
 
     def tensors(idx: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -155,41 +166,49 @@ def fit(
     window = patch_window(network.input_pixels, config.loss_window)
     weight = torch.from_numpy(window / window.mean()).to(dev)
     xt, at, pt = tensors(train_idx)
-    xv, av, pv = tensors(val_idx)
+    xv, av, pv = tensors(val_idx[rank::world])  # this process's share of the validation frames
     model = PtychoNN(network).to(dev)
     if initial_state is not None:
         model.load_state_dict(initial_state)
+    net = distributed.wrap(model, dev)  # DistributedDataParallel under torchrun, else ``model``
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, factor=0.5, patience=config.plateau_patience, min_lr=config.min_learning_rate
     )
 
     def evaluate() -> float:
+        distributed.sync_buffers(model)  # every process scores (and keeps) the writer's running statistics
         model.eval()
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=dev)
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
             for s in range(0, len(xv), 256):
-                total += float(_loss(model, xv[s : s + 256], av[s : s + 256], pv[s : s + 256], weight)) * len(
+                total += _loss(model, xv[s : s + 256], av[s : s + 256], pv[s : s + 256], weight).double() * len(
                     xv[s : s + 256]
                 )
-        return total / len(xv)
+        return float(distributed.total(total)) / len(val_idx)
 
     best_loss, best_state, best_epoch, history = float("inf"), None, 0, []
     started = time.perf_counter()
-    bar = _progress(config.epochs, progress)
+    bar = _progress(config.epochs, progress and distributed.is_writer())
     for epoch in range(1, config.epochs + 1):
         model.train()
         order = torch.from_numpy(rng.permutation(len(xt))).to(dev)
         running = torch.zeros((), device=dev)
         for s in range(0, len(order), config.batch_size):
             b = order[s : s + config.batch_size]
+            mine = b[rank::world]
+            # The averaged gradient of the shares weighted by their size is the whole batch's gradient.
+            # A process left without frames (a last batch smaller than the job) still joins the average, at 0.
+            share = len(mine) * world / len(b)
+            if len(mine) == 0:
+                mine = b[:1]
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = _loss(model, xt[b], at[b], pt[b], weight)
+                loss = _loss(net, xt[mine], at[mine], pt[mine], weight)
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share).backward()  # share is exactly 1 in one process
             optimiser.step()
-            running += loss.detach() * len(b)  # no host sync per step
-        train_loss, val_loss = float(running) / len(xt), evaluate()
+            running += loss.detach() * (len(mine) if share else 0)  # no host sync per step
+        train_loss, val_loss = float(distributed.total(running)) / len(xt), evaluate()
         scheduler.step(val_loss)
         lr = optimiser.param_groups[0]["lr"]
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr})
@@ -198,7 +217,8 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{best_loss:.4f}", lr=f"{lr:.1e}")
         bar.update(1)
-        logger.info("epoch %d train %.4f val %.4f lr %.1e", epoch, train_loss, val_loss, lr)
+        if distributed.is_writer():
+            logger.info("epoch %d train %.4f val %.4f lr %.1e", epoch, train_loss, val_loss, lr)
         if epoch - best_epoch >= config.early_stop_patience:
             break
     bar.close()
@@ -207,6 +227,7 @@ def fit(
             f"training diverged: the validation loss was never finite in {len(history)} epochs; "
             f"lower the learning rate ({config.learning_rate})"
         )
+    model = PtychoNN(network).to(dev)  # unwrapped, with plain BatchNorm again
     model.load_state_dict(best_state)
     model.eval()
     metrics: dict[str, Any] = {}
@@ -225,6 +246,7 @@ def fit(
             "validation_split": "spatial block: largest y of each scan",
             "train_config": config.model_dump(mode="json"),
             "device": str(dev),
+            "distributed": distributed.describe(),
             **({"probe": shared_probe} if shared_probe else {}),
         },
         metrics={

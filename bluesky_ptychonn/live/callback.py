@@ -30,6 +30,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from bluesky.callbacks.core import make_class_safe
 from event_model import RunRouter
 from event_model.documents import RunStart
 
-from ..tiled_paths import PROCESSED, PTYCHONN, tiled_key
+from ..tiled_paths import PROCESSED, PTYCHONN, RAW, tiled_key
 from .config import CallbackConfig
 from .run import RunReconstructor
 from .sink import TiledSink
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 #: Finished runs a callback remembers (for ``wait`` and inspection); older ones are released.
 KEEP_FINISHED = 4
+#: Uids (runs, descriptors, resources) of other consumers' runs remembered, to ignore their documents.
+KEEP_OTHERS = 10_000
 
 
 @make_class_safe(logger=logger)
@@ -95,6 +98,7 @@ class PtychoNNCallback:
         self._intake_thread: threading.Thread | None = None
         self._descriptor_runs: dict[str, str] = {}  # descriptor uid -> run uid, of the runs routed
         self._missed: dict[str, str] = {}  # descriptor uid -> run uid ("?" if unknown), of runs whose start was missed
+        self._others: OrderedDict[str, None] = OrderedDict()  # uids of runs in another consumer's share
 
     @classmethod
     def from_checkpoint(
@@ -220,7 +224,7 @@ class PtychoNNCallback:
                 run = self._run_of(doc) if name == "stream_datum" else None
                 if run is not None and run.hold_early(doc):  # the router would refuse it: no StreamResource yet
                     return
-                if self._of_a_missed_run(name, doc):
+                if self._of_another_share(name, doc) or self._of_a_missed_run(name, doc):
                     return
                 self._router(name, doc)
                 if name == "descriptor":
@@ -230,6 +234,31 @@ class PtychoNNCallback:
             if run is not None:
                 run.fail(f"could not route a {name!r} document: {err!r}")
             raise
+
+    def _of_another_share(self, name: str, doc: Any) -> bool:
+        """True for a document of a run that another consumer on the proxy takes (``[share]``); ignored."""
+        share = self.config.share
+        if share.by == "all" or not isinstance(doc, dict):
+            return False
+        if name == "start":
+            if share.takes(doc):
+                return False
+            logger.info("run %s is not in this consumer's share (%s): left to another", doc.get("uid"), share)
+            self._remember_other(doc.get("uid"))
+            return True
+        owner = doc.get("run_start") or doc.get("descriptor") or doc.get("resource") or doc.get("stream_resource")
+        if owner not in self._others:
+            if not isinstance(doc.get("run_start"), str) or share.takes_uid(doc["run_start"]) is not False:
+                return False
+            self._remember_other(owner)  # a run whose start this consumer missed, by its uid another's
+        if name in ("descriptor", "resource", "stream_resource"):
+            self._remember_other(doc.get("uid"))
+        return True
+
+    def _remember_other(self, uid: Any) -> None:
+        self._others[str(uid)] = None
+        while len(self._others) > KEEP_OTHERS:
+            self._others.popitem(last=False)
 
     def _of_a_missed_run(self, name: str, doc: Any) -> bool:
         """True for a document of a run whose start this consumer never saw (it started, or restarted, mid-run).
@@ -262,6 +291,8 @@ class PtychoNNCallback:
         return False
 
     def _mark_missed(self, uid: str, *, only_if_running: bool) -> None:
+        if not self._in_share(uid):
+            return  # another consumer's run: that one reports it
         reason = f"this consumer started after run {uid} began; reconstruct it with: bluesky-ptychonn replay {uid}"
         logger.warning(reason)
         if self.client is None:
@@ -277,6 +308,18 @@ class PtychoNNCallback:
             TiledSink(self.client, uid).write_metadata({**metadata, "updated": time.time()})
         except Exception as err:
             logger.error("run %s: could not record the missed start in Tiled: %r", uid, err)
+
+    def _in_share(self, uid: str) -> bool:
+        """Whether a run whose start was missed is this consumer's; a share by beamline or plan reads the
+        archived start (a run Tiled does not hold yet counts as another's: its owner reports it)."""
+        mine = self.config.share.takes_uid(uid)
+        if mine is not None:
+            return mine
+        try:
+            return self.config.share.takes(self.client[RAW][uid].metadata["start"])
+        except Exception as err:
+            logger.info("run %s: its start is not in Tiled (%r), so its share is unknown", uid, err)
+            return False
 
     def _run_of(self, doc: Any) -> RunReconstructor | None:
         """The run a document belongs to, by its start uid or its descriptor (None if unknown)."""

@@ -9,6 +9,8 @@ every failure in the run's result.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from functools import partial
@@ -184,6 +186,7 @@ class RunReconstructor(DocumentRouter):
             "package_version": __version__,
             "started": time.time(),
             "source": "live",
+            "consumer": {"host": socket.gethostname(), "pid": os.getpid(), "share": str(self.config.share)},
         }
         stored = stored_probe(self.owner.client, self.config.probe_run)
         if self.config.probe_run and stored is None:

@@ -8,6 +8,7 @@ The file (see ``callbacks/ptychonn.toml``)::
     [callback]  data_roots = ["/data"], frames_key = "diffraction", ...  (CallbackConfig)
     [live]      batch_size = 64, publish_interval_s = 1.0, ...            (LiveOptions)
     [refine]    enabled = false, engine = "lsqml", epochs = 200, ...     (RefineSection)
+    [share]     by = "uid", index = 0, count = 2                          (RunShare)
 
 Any key can be overridden from the environment, ``PTYCHONN_<TABLE>__<KEY>`` (for example
 ``PTYCHONN_TILED__URI``, ``PTYCHONN_LIVE__BATCH_SIZE``; lists and tables as JSON). Keyword
@@ -39,7 +40,7 @@ from ..core.engine import LiveOptions
 from ..core.iterative import IterativeOptions
 from ..core.refine import REFINE_OPTIONS, RUN_ARRIVAL_TIMEOUT_S
 from ..errors import ConfigurationError
-from .config import CallbackConfig
+from .config import CallbackConfig, RunShare
 
 #: Prefix of the environment variables that override the file, nested keys joined by ``__``.
 ENV_PREFIX = "PTYCHONN_"
@@ -200,6 +201,7 @@ class ServiceConfig(BaseSettings, Frozen):
     )
     live: LiveOptions = Field(default_factory=LiveOptions, description="Batching, cadence and retry policy.")
     refine: RefineSection = Field(default_factory=RefineSection, description="Automatic pty-chi refinement.")
+    share: RunShare = Field(default_factory=RunShare, description="This consumer's share of the runs.")
 
     @classmethod
     def settings_customise_sources(
@@ -217,15 +219,16 @@ class ServiceConfig(BaseSettings, Frozen):
 
     @model_validator(mode="after")
     def _live_in_one_place(self) -> ServiceConfig:
-        if "live" in self.callback.model_fields_set:
-            raise ValueError("the live options belong in the [live] table, not in [callback]")
+        for table in ("live", "share"):
+            if table in self.callback.model_fields_set:
+                raise ValueError(f"the {table} options belong in the [{table}] table, not in [callback]")
         if self.refine.enabled and self.tiled is None:
             raise ValueError("[refine] enabled needs a [tiled] section: refinement reads the run from Tiled")
         return self
 
     def callback_config(self) -> CallbackConfig:
-        """The callback's configuration: ``[callback]`` with ``[live]`` as its live policy."""
-        return self.callback.model_copy(update={"live": self.live})
+        """The callback's configuration: ``[callback]`` with ``[live]`` as its live policy and ``[share]``."""
+        return self.callback.model_copy(update={"live": self.live, "share": self.share})
 
 
 def _describe(err: ValidationError) -> str:
