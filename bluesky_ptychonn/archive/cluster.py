@@ -105,7 +105,7 @@ def map_runs(
         # Threads of one worker would share torch's thread pool; single-threaded processes do not. The
         # statistical profiler (sys._current_frames every 10 ms) is off: a worker hung starting a thread with it on.
         with dask.config.set({"distributed.worker.profile.enabled": False}):
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
         pool, threads = Client(cluster, set_as_default=False), max(1, (os.cpu_count() or 1) // workers)
     else:
         cluster, pool, threads = None, Client(scheduler, timeout="30s", set_as_default=False), None

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.config import DetectorGeometry
-from ..core.pretrain import StreamConfig
+from ..core.config import DetectorGeometry, StreamConfig
 from .options import (
     add_command,
     add_field,

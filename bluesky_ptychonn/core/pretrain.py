@@ -28,16 +28,15 @@ import platform
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from ..errors import ConfigurationError
 from . import distributed
 from .checkpoint import CheckpointInfo, save_checkpoint
-from .config import Frozen, NetworkConfig, PreprocessRecipe
+from .config import NetworkConfig, PreprocessRecipe, StreamConfig  # noqa: F401  (StreamConfig re-exported)
 from .consistency import unsupported_reason
 from .network import PtychoNN
 from .physics_loss import PhysicsBatch, overlap_loss, poisson_deviance
@@ -45,26 +44,6 @@ from .preprocess import orientation_only, preprocess
 from .stitching import patch_window
 
 logger = logging.getLogger(__name__)
-
-
-class StreamConfig(Frozen):
-    """Budget, schedule and loss mix of :func:`fit_stream`."""
-
-    steps: int = Field(100_000, ge=1, description="Most optimisation steps.")
-    budget_s: float | None = Field(None, gt=0, description="Wall-clock budget in seconds; None: steps only.")
-    learning_rate: float = Field(1e-3, gt=0)
-    min_learning_rate: float = Field(1e-5, ge=0)
-    supervised_weight: float = Field(1.0, ge=0, description="Weight of the label MAE (ignored without labels).")
-    physics_weight: float = Field(0.1, ge=0, description="Weight of the Poisson deviance of the forward model.")
-    overlap_weight: float = Field(0.1, ge=0, description="Weight of the overlap constraint.")
-    loss_window: Literal["uniform", "gaussian"] = Field("gaussian", description="Per-pixel weight of the MAE.")
-    validate_every: int = Field(100, ge=1, description="Steps between validations.")
-    checkpoint_every_s: float = Field(300.0, gt=0, description="Seconds between checkpoint writes to ``out``.")
-    mixed_precision: bool = Field(
-        True,
-        description="bfloat16 autocast on CUDA. Never on the CPU: its bf16 backward measured 15x slower than fp32.",
-    )
-    seed: int = 0
 
 
 def _device_name(dev: torch.device) -> str:
