@@ -34,7 +34,7 @@ test: $(STAMP) postgres
 	$(BIN)/ruff check bluesky_ptychonn tests examples callbacks benchmarks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py --out benchmarks/results

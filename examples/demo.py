@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--retrain", action="store_true", help="train even if a cached model matches")
+    p.add_argument(
+        "--refine-epochs", type=int, default=None, help="cap both pty-chi runs at this many epochs (a quick look)"
+    )
     return p.parse_args(argv)
 
 
@@ -120,11 +123,13 @@ def train_model(args: argparse.Namespace, prior_run, models: Path):
     return Predictor(model, info, device=args.device), float(info.metrics["train_seconds"])
 
 
-def blank_options():
+def blank_options(cap: int | None = None):
     """The flat-start reference: the refinement's engine, run until its error has stopped falling."""
     from bluesky_ptychonn.core.refine import REFINE_OPTIONS
 
-    return REFINE_OPTIONS.model_copy(update={"epochs": 400, "stop_tolerance": 0.002, "stop_window": 20})
+    return REFINE_OPTIONS.model_copy(
+        update={"epochs": min(400, cap or 400), "stop_tolerance": 0.002, "stop_window": 20}
+    )
 
 
 def rounded(figures: dict[str, float]) -> dict[str, float]:
@@ -170,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from bluesky_ptychonn.archive.truth import read_simulation_truth
     from bluesky_ptychonn.core.geometry import ObjectGrid
     from bluesky_ptychonn.core.metrics import compare
+    from bluesky_ptychonn.core.refine import REFINE_OPTIONS
     from bluesky_ptychonn.files.figures import save_figure
     from bluesky_ptychonn.live.callback import CallbackConfig, PtychoNNCallback
     from bluesky_ptychonn.sim.physics import probe_diameter_px
@@ -205,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # The refined image comes without anyone asking: the worker starts pty-chi from the
         # preview once the live image is final, off the RunEngine's path.
-        refiner = RefineWorker(archive.client)
+        cap = min(REFINE_OPTIONS.epochs, args.refine_epochs or REFINE_OPTIONS.epochs)
+        refiner = RefineWorker(archive.client, options=REFINE_OPTIONS.model_copy(update={"epochs": cap}))
         callback = PtychoNNCallback(
             predictor, archive.client, CallbackConfig(data_roots=[archive.data_dir]), after_final=refiner.submit
         )
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         refined_amplitude, refined_phase = (refined_node[k].read() for k in ("amplitude", "phase"))
         stop_time = archive.raw[uid].metadata["stop"]["time"]
         print("[refine] the reference: pty-chi from a flat start on the same frames, run to convergence")
-        blank = run_inputs(archive.raw[uid]).reconstruct(grid, blank_options())  # flat start
+        blank = run_inputs(archive.raw[uid]).reconstruct(grid, blank_options(args.refine_epochs))  # flat start
 
         live_fps = md["frames_done"] / (done - md["first_frame"])
         result_uri = f"{archive.client.context.api_uri}metadata/processed/{uid}/ptychonn"

@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from bluesky import RunEngine
 from tiled_servers import free_port
@@ -77,7 +78,8 @@ def test_other_tools_take_the_options_the_guide_gives_them(line):
 
 @pytest.mark.slow
 def test_the_dask_section_runs_as_written(tiled_server, make_devices, tmp_path, checkpoint, monkeypatch, capsys):
-    """A scheduler and two single-threaded workers as the guide starts them, then its replay command."""
+    """A scheduler and two single-threaded workers as the guide starts them, then its replay command: the
+    images equal those one process makes."""
     scheduler_line = next(line for line in _lines() if line.startswith("dask scheduler"))
     worker_line = next(line for line in _lines() if line.startswith("dask worker"))
     replay_line = next(line for line in _lines() if (_ours(line) or [None])[0] == "replay" and "--scheduler" in line)
@@ -109,6 +111,13 @@ def test_the_dask_section_runs_as_written(tiled_server, make_devices, tmp_path, 
         summaries = json.loads(capsys.readouterr().out)
         assert [s["raw_uid"] for s in summaries] == uids
         assert all(s["status"] == "complete" and s["frames_done"] == 12 for s in summaries), summaries
+        # The same images as one process.
+        assert main(["replay", *uids, "--name", "here", "--checkpoint", str(checkpoint), "--tiled-uri", uri]) == 0
+        capsys.readouterr()
+        for uid in uids:
+            node = tiled_server.client["processed"][uid]
+            for key in ("amplitude", "phase", "weight"):
+                np.testing.assert_array_equal(node["ptychonn"][key].read(), node["here"][key].read())
     finally:
         for process in processes[::-1]:
             process.terminate()

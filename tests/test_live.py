@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import torch
 from tiled.client import from_uri
-from tiled.server import SimpleTiledServer
-from tiled_servers import free_port, start_server
 
 from bluesky_ptychonn.core.checkpoint import CheckpointInfo
 from bluesky_ptychonn.core.config import DetectorGeometry, NetworkConfig, PreprocessRecipe
@@ -153,29 +151,6 @@ def test_a_run_with_zero_frames(server, scan, predictor):
     assert live.wait(30)
     arrays, md = _read(client, "run-e")
     assert md["frames_done"] == 0 and not arrays["weight"].any() and arrays["weight"].shape == scan.grid.shape
-
-
-def test_tiled_outage_mid_run_then_final_image_written(tiled_server, tmp_path, scan, predictor):
-    port = free_port()
-    srv = SimpleTiledServer(directory=tmp_path / "tiled", port=port, api_key=tiled_server.server.api_key)
-    client = from_uri(srv.uri)
-    live = LiveReconstruction(predictor, scan.grid, TiledSink(client, "run-f"), {"raw_uid": "run-f"}, FAST)
-    half = len(scan.frames) // 2
-    live.submit(scan.frame_ids[:half], scan.frames[:half], scan.positions_m[:half])
-    _wait_until(lambda: "processed" in client and "run-f" in client["processed"])
-    srv.close()  # the server goes away mid-scan
-    live.submit(scan.frame_ids[half:], scan.frames[half:], scan.positions_m[half:])
-    live.finish("complete")
-    _wait_until(lambda: live.metadata["frames_done"] == len(scan.frames))
-    assert not live.wait(0.5)  # nothing written while the server is down, nothing lost either
-    srv = start_server(SimpleTiledServer, directory=tmp_path / "tiled", port=port, api_key=tiled_server.server.api_key)
-    try:
-        assert live.wait(60)
-        arrays, md = _read(from_uri(srv.uri), "run-f")
-        assert md["status"] == "complete" and md["frames_done"] == len(scan.frames)
-        np.testing.assert_allclose(arrays["amplitude"], live.snapshot().amplitude)
-    finally:
-        srv.close()
 
 
 def _wait_until(condition, timeout=30.0):

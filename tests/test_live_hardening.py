@@ -362,6 +362,22 @@ def test_a_consumer_started_mid_run_marks_that_run_interrupted_with_the_fix(tile
     assert uid not in callback.runs
 
 
+def test_a_result_left_running_is_marked_interrupted_at_its_stop_by_a_restarted_consumer(
+    tiled_server, scan, section, predictor
+):
+    """A consumer killed mid-run left ``running``; its successor sees only the stop document."""
+    from bluesky_ptychonn.live.sink import TiledSink
+
+    callback = PtychoNNCallback(predictor, tiled_server.client, CallbackConfig(live=FAST))
+    docs = _inline_run(scan.frames, scan.positions_m, section)
+    uid = docs[0][1]["uid"]
+    TiledSink(tiled_server.client, uid).write_metadata({"raw_uid": uid, "status": "running", "source": "live"})
+    callback(*docs[-1])
+    assert callback.flush(30)
+    md = dict(tiled_server.client["processed"][uid]["ptychonn"].metadata)
+    assert md["status"] == "interrupted" and f"bluesky-ptychonn replay {uid}" in md["reason"]
+
+
 def test_file_reads_and_tiled_writes_stay_off_the_runengine_thread(
     tiled_server, make_devices, predictor, tmp_path, monkeypatch
 ):

@@ -1,4 +1,4 @@
-"""Reprocessing many runs: a two-worker Dask cluster against one process, and ``replay --incomplete``.
+"""Reprocessing many runs: a local two-worker Dask cluster with a failing run, and ``replay --incomplete``.
 
 Real RunEngine and simulated devices writing HDF5 (or inline frames), the session's in-process
 Tiled server, 32-pixel frames and a tiny untrained network.
@@ -36,15 +36,16 @@ def _images(client, uid, name):
 
 
 @pytest.mark.slow
-def test_a_two_worker_dask_cluster_replays_a_query_like_one_process(
+def test_local_dask_workers_replay_a_query_and_report_the_run_that_fails(
     tiled_server, make_devices, tmp_path, command, capsys
 ):
+    """``--workers 2``: a LocalCluster; the images equal one process's (test_deployment_guide checks that)."""
     run_engine = RunEngine({})
     subscribe_archive(run_engine, tiled_server.client)
     stage, detector = make_devices(tiled_server.data_dir / tmp_path.name)
     tag = uuid.uuid4().hex
     scan = dict(step_m=2e-7, shape=(3, 4), exposure_s=2e-3, md={"campaign": tag})
-    uids = [run_engine(ptycho_fly_scan(detector, stage, **scan))[0] for _ in range(3)]
+    uids = [run_engine(ptycho_fly_scan(detector, stage, **scan))[0] for _ in range(2)]
     # A run whose frames the model cannot take (16 pixels, not 32): it fails, and only it.
     _, section = _scan()
     bad = _inline_run(np.zeros((4, 16, 16)), np.zeros((4, 2)), section, campaign=tag)
@@ -58,13 +59,6 @@ def test_a_two_worker_dask_cluster_replays_a_query_like_one_process(
     assert [s["raw_uid"] for s in summaries] == uids  # in the order of the selection
     assert all(s["status"] == "complete" and s["frames_done"] == 12 for s in summaries[:-1]), summaries
     assert "model expects" in summaries[-1]["error"] and "status" not in summaries[-1], summaries[-1]
-
-    assert main(["replay", *uids[:-1], "--name", "here", *command]) == 0
-    capsys.readouterr()
-    for uid in uids[:-1]:
-        on_dask, here = _images(tiled_server.client, uid, "on-dask"), _images(tiled_server.client, uid, "here")
-        for key in on_dask:
-            np.testing.assert_array_equal(on_dask[key], here[key])
 
 
 def test_replay_incomplete_finishes_exactly_the_runs_without_a_final_live_result(tiled_server, command, capsys):
@@ -92,9 +86,9 @@ def test_replay_incomplete_finishes_exactly_the_runs_without_a_final_live_result
     selection = [f"start.campaign={tag}", "--incomplete"]
     assert main(["replay", *selection, "--dry-run", *command]) == 0
     assert {r["uid"] for r in json.loads(capsys.readouterr().out)} == set(found)
-    assert main(["replay", *selection, *command]) == 0
-    finished = json.loads(capsys.readouterr().out)
-    assert {r["raw_uid"] for r in finished} == set(found)
-    assert all(r["status"] == "complete" and r["frames_done"] == len(scan.frames) for r in finished), finished
-    assert main(["replay", *selection, *command]) == 0
-    assert json.loads(capsys.readouterr().out) == []  # nothing left; the fresh one is its consumer's
+    # Finishing them (the same image as an uninterrupted run) is shown with a killed consumer's run in
+    # test_service; here one of them, to see the selection act.
+    assert main(["replay", *selection, "--uid", uids["missing"], *command]) == 0
+    (finished,) = json.loads(capsys.readouterr().out)
+    assert finished["raw_uid"] == uids["missing"] and finished["status"] == "complete", finished
+    assert finished["frames_done"] == len(scan.frames)
