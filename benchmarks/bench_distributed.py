@@ -63,8 +63,7 @@ def worker(scan: str, epochs: int) -> None:
 
 def _launch(processes: int, scan: Path, epochs: int, threads: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = str(threads or os.cpu_count() or 1)  # explicit: Dask (an earlier bench) may have set 1
     command = [sys.executable]
     if processes > 1:
         command += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]

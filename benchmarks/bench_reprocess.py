@@ -32,6 +32,7 @@ def run(quick: bool = False) -> dict:
 
     from bluesky_ptychonn.acquisition.devices import PtychoDetector, SimStage
     from bluesky_ptychonn.acquisition.plans import ptycho_fly_scan
+    from bluesky_ptychonn.archive.cluster import restore_environment
     from bluesky_ptychonn.archive.servers import start_embedded_server, subscribe_archive
     from bluesky_ptychonn.cli import main
 
@@ -52,6 +53,7 @@ def run(quick: bool = False) -> dict:
             common = [f"start.campaign={tag}", "--checkpoint", "default-64", "--device", "cpu"]
             common += ["--tiled-uri", archive.server.uri.split("?")[0], "--api-key-env", "BENCH_TILED_KEY"]
             reference = None
+            environ = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
             for label, workers in (("one process", 0), ("Dask, 1 worker", 1), ("Dask, 2 workers", 2)):
                 name = label.replace(" ", "-").replace(",", "")
                 started = time.perf_counter()
@@ -87,6 +89,7 @@ def run(quick: bool = False) -> dict:
                 finally:
                     if cluster:
                         cluster.close()
+                        restore_environment(environ)  # the nannies' OMP_NUM_THREADS=1 would stay in this process
         finally:
             archive.close()
     base = {row["command"]: row["runs_per_minute"] for row in results if row["how"] == "one process"}

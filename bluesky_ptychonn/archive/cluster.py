@@ -99,9 +99,12 @@ def map_runs(
             "reprocessing on Dask needs the `distributed` package: pip install 'bluesky-ptychonn[cluster]'"
         ) from err
     connection = TiledConnection.of(client, api_key_env)
-    if scheduler is None:
-        import dask
+    # A LocalCluster's nannies set OMP_NUM_THREADS=1 and the like in this process's environment, and
+    # leave them: put them back afterwards, or every later subprocess of the caller runs on one thread.
+    import dask
 
+    environ = {k: os.environ.get(k) for k in dask.config.get("distributed.nanny.pre-spawn-environ", {})}
+    if scheduler is None:
         # Threads of one worker would share torch's thread pool; single-threaded processes do not. The
         # statistical profiler (sys._current_frames every 10 ms) is off: a worker hung starting a thread with it on.
         with dask.config.set({"distributed.worker.profile.enabled": False}):
@@ -126,6 +129,16 @@ def map_runs(
         pool.close()
         if cluster is not None:
             cluster.close()
+        restore_environment(environ)
+
+
+def restore_environment(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as ``saved`` had them (None: unset)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _guarded(
@@ -150,8 +163,8 @@ def _guarded(
         import dask
 
         # Tiled's client reads arrays through dask; on a worker that would send those reads back to the
-        # cluster as tasks, to wait on workers that are busy with runs. Read in the task's own thread.
-        with dask.config.set(scheduler="synchronous"):
+        # cluster as tasks, to wait on workers that are busy with runs. Read with local threads instead.
+        with dask.config.set(scheduler="threads"):
             return task(client, raw[uid], **options)
     except Exception as err:
         reason = str(err) if isinstance(err, PtychoNNError) else f"{type(err).__name__}: {err}"
