@@ -89,6 +89,8 @@ def map_runs(
     ``$api_key_env``. A task that raises gives ``{"raw_uid": uid, "error": "..."}``; the rest go on.
     ``bar``: a progress bar over the runs.
     """
+    if not uids:
+        return []
     if scheduler is None and workers <= 1:
         raw = client[RAW]
         return [_guarded(task, uid, options, opened=(client, raw)) for uid in _progress(uids, bar)]
@@ -122,7 +124,12 @@ def map_runs(
         results: list[dict[str, Any]] = [{} for _ in uids]
         with _progress(range(len(uids)), bar) as shown:
             for future in as_completed(futures, loop=pool.loop):
-                results[futures[future]] = future.result()  # _guarded never raises; a lost worker does
+                i = futures[future]
+                try:
+                    results[i] = future.result()  # _guarded never raises
+                except Exception as err:  # but a worker can die under it (memory, a signal): that run failed
+                    results[i] = {"raw_uid": uids[i], "error": f"its Dask worker was lost: {type(err).__name__}: {err}"}
+                    logger.error("run %s: %s", uids[i], results[i]["error"])
                 shown.update(1)
         return results
     finally:
