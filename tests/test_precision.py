@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from bluesky_ptychonn.core.base_model import base_model_path
-from bluesky_ptychonn.core.config import DetectorGeometry
+from bluesky_ptychonn.core.config import DetectorGeometry, PreprocessRecipe
 from bluesky_ptychonn.core.engine import LiveOptions, LiveReconstruction
 from bluesky_ptychonn.core.geometry import ObjectGrid
-from bluesky_ptychonn.core.inference import BF16_TOLERANCE, Predictor
+from bluesky_ptychonn.core.inference import BF16_TOLERANCE, PINNED_FRAMES, Predictor
+from bluesky_ptychonn.core.preprocess import preprocess
 from bluesky_ptychonn.core.reconstruct import reconstruct
 from bluesky_ptychonn.core.stitching import StitchedImage
+from bluesky_ptychonn.core.tensor_preprocess import preprocess_tensor
 from bluesky_ptychonn.sim.physics import simulate_scan
 
 GEOMETRY = DetectorGeometry(frame_pixels=64)
@@ -72,13 +74,73 @@ def test_the_gpu_image_stays_within_tolerance_of_the_cpu_float32_image(scan, ref
 @pytest.mark.gpu
 @cuda
 def test_a_live_reconstruction_on_the_gpu_matches_the_cpu_one(scan, reference):
-    """Frames submitted in batches to the live engine on CUDA: the final image matches the float32 CPU image."""
+    """Frames submitted in batches to the live engine on CUDA (the device pipeline, trust map on): the
+    final image matches the float32 CPU image, and the trust map the CPU's."""
     predictor = Predictor.from_checkpoint(base_model_path(), device="cuda")
-    live = LiveReconstruction(predictor, reference.grid, None, {"raw_uid": "gpu"}, LiveOptions(max_wait_s=0.01))
+    live = _live(predictor, scan, reference.grid, "auto")
+    assert live.stitcher.device.type == "cuda"
+    _within_tolerance(live.snapshot(), reference)
+    host = _live(Predictor.from_checkpoint(base_model_path(), device="cpu", precision="float32"), scan, reference.grid)
+    trust, expected = live.snapshot().trust, host.snapshot().trust
+    assert np.array_equal(np.isnan(trust), np.isnan(expected))
+    assert np.nanmax(np.abs(trust - expected)) < 0.05 * np.nanmax(expected)
+
+
+def _live(predictor, scan, grid, pipeline="host"):
+    options = LiveOptions(max_wait_s=0.01, pipeline=pipeline)
+    live = LiveReconstruction(predictor, grid, None, {"raw_uid": "p"}, options, probe=scan.probe)
     ids = np.arange(len(scan.frames))
     for part in np.array_split(ids, 5):
         live.submit(part, scan.frames[part], scan.positions_m[part])
     live.finish()
     assert live.wait(60)
     assert live.metadata["status"] == "complete" and live.metadata["frames_done"] == len(ids)
-    _within_tolerance(live.snapshot(), reference)
+    return live
+
+
+RECIPES = [
+    PreprocessRecipe(normalize="total", scale=0.33),
+    PreprocessRecipe(transpose=True, flip_rows=True, flip_cols=True, threshold_counts=3, transform="log1p"),
+    PreprocessRecipe(crop_pixels=48, bin_factor=2, resize_pixels=32, transform="none", scale=2.0),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda])])
+@pytest.mark.parametrize("recipe", RECIPES, ids=["normalised", "oriented", "resampled"])
+def test_preprocessing_on_the_device_matches_the_numpy_recipe(scan, recipe, device):
+    counts = torch.from_numpy(scan.frames.astype(np.float32)).to(device)
+    on_device = preprocess_tensor(counts, recipe).cpu().numpy()
+    expected = preprocess(scan.frames, recipe)
+    np.testing.assert_allclose(on_device, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+def test_the_device_pipeline_gives_the_host_pipeline_image(scan, reference):
+    """The path a GPU takes (upload once, preprocess, score and stitch beside the predictions), run
+    on the CPU with torch: the same image and trust map as numpy on the host, to float32 rounding."""
+    predictor = Predictor.from_checkpoint(base_model_path(), device="cpu", precision="float32")
+    host = _live(predictor, scan, reference.grid, "host").snapshot()
+    device = _live(predictor, scan, reference.grid, "device")
+    assert device.stitcher.device is not None
+    image = device.snapshot()
+    np.testing.assert_allclose(image.weight, host.weight, atol=1e-6)
+    np.testing.assert_allclose(image.amplitude, host.amplitude, atol=1e-5)
+    assert np.abs(np.angle(np.exp(1j * (image.phase - host.phase)))).max() < 1e-4
+    np.testing.assert_allclose(image.trust, host.trust, rtol=1e-4, atol=1e-7)
+    counts = predictor.upload(scan.frames)
+    amplitude, phase = (t.numpy() for t in predictor.predict_counts(counts))
+    expected = predictor.predict(scan.frames)
+    np.testing.assert_allclose(amplitude, expected[0], atol=1e-5)
+    np.testing.assert_allclose(phase, expected[1], atol=1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_results_come_back_in_bounded_page_locked_blocks(scan):
+    """A call larger than one page-locked block gives the same patches as the same frames in small calls."""
+    predictor = Predictor.from_checkpoint(base_model_path(), device="cuda", batch_size=1024)
+    x = preprocess(np.concatenate([scan.frames] * (PINNED_FRAMES // len(scan.frames) + 2)), predictor.info.recipe)
+    amplitude, phase = predictor.predict_preprocessed(x)
+    assert amplitude.shape == (len(x), 64, 64) and len(x) > PINNED_FRAMES
+    tail_amplitude, tail_phase = predictor.predict_preprocessed(x[-len(scan.frames) :])
+    np.testing.assert_allclose(amplitude[-len(scan.frames) :], tail_amplitude, atol=1e-6)
+    np.testing.assert_allclose(phase[-len(scan.frames) :], tail_phase, atol=1e-6)

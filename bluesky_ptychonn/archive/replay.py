@@ -202,4 +202,3 @@ def incomplete_runs(client: Any, runs: Iterable[Any], *, stale_after_s: float | 
             continue
         found.append((run, "stale" if status == "running" else status))
     return found
-

@@ -158,40 +158,48 @@ class ConsistencyModel:
         with torch.inference_mode():
             return (self._magnitudes(amplitude, phase) ** 2).cpu().numpy()
 
-    def score(
-        self, amplitude: np.ndarray, phase: np.ndarray, frames: np.ndarray, batch_size: int = 256
-    ) -> FrameConsistency:
+    def score(self, amplitude: Any, phase: Any, frames: Any, batch_size: int = 256) -> FrameConsistency:
         """Score (N, n, n) predicted amplitude and phase patches against their raw frames (N, rows, cols).
 
-        Raises :class:`~bluesky_ptychonn.errors.FrameError` for frames of the wrong shape, NaN or
-        negative counts (as preprocessing does).
+        Numpy arrays, or torch tensors already on the device (a GPU pipeline's predictions and
+        uploaded counts: only the two scores per frame come back). Raises
+        :class:`~bluesky_ptychonn.errors.FrameError` for numpy frames of the wrong shape, NaN or
+        negative counts (as preprocessing does); tensors are taken as checked.
         """
         import torch
 
-        measured = preprocess(frames, self._orient)
-        error = np.empty(len(measured), np.float32)
-        chi2 = np.empty(len(measured), np.float32)
+        from .tensor_preprocess import preprocess_tensor
+
+        if isinstance(frames, torch.Tensor):
+            measured = preprocess_tensor(frames.to(self.device), self._orient)
+        else:
+            measured = preprocess(frames, self._orient)
+        parts = []
         with torch.inference_mode():
             for s in range(0, len(measured), batch_size):
                 b = slice(s, s + batch_size)
-                e, c = self._score(amplitude[b], phase[b], measured[b])
-                error[b], chi2[b] = e, c
+                parts.append(self._score(amplitude[b], phase[b], measured[b]))
+        if not parts:
+            return FrameConsistency(error=np.empty(0, np.float32), chi2=np.empty(0, np.float32))
+        error, chi2 = (torch.cat(p).cpu().numpy() for p in zip(*parts, strict=True))  # one copy back
         return FrameConsistency(error=error, chi2=chi2)
 
-    def _magnitudes(self, amplitude: np.ndarray, phase: np.ndarray) -> Any:
+    def _on_device(self, array: Any) -> Any:
         import torch
 
+        if isinstance(array, torch.Tensor):
+            return array.to(self.device, torch.float32)
+        return torch.as_tensor(np.ascontiguousarray(array, np.float32), device=self.device)
+
+    def _magnitudes(self, amplitude: Any, phase: Any) -> Any:
         from .physics_loss import far_field_magnitudes
 
-        a = torch.as_tensor(np.ascontiguousarray(amplitude, np.float32), device=self.device)
-        p = torch.as_tensor(np.ascontiguousarray(phase, np.float32), device=self.device)
-        return far_field_magnitudes(a, p, self._probe)
+        return far_field_magnitudes(self._on_device(amplitude), self._on_device(phase), self._probe)
 
-    def _score(self, amplitude: np.ndarray, phase: np.ndarray, measured: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
+    def _score(self, amplitude: Any, phase: Any, measured: Any) -> tuple[Any, Any]:
+        """(error, chi2) tensors (B,) on the device."""
         f = self._magnitudes(amplitude, phase)
-        counts = torch.as_tensor(measured, device=self.device)
+        counts = self._on_device(measured)
         m = counts.sqrt()
         dims = (-2, -1)
         scale = (f * m).sum(dims) / (f * f).sum(dims).clamp_min(1e-30)
@@ -201,7 +209,7 @@ class ConsistencyModel:
         error = (residual / (m**2 * signal).sum(dims).clamp_min(1e-30)).sqrt()
         modelled = model**2
         chi2 = (((counts - modelled) ** 2 / modelled.clamp_min(1.0)) * signal).sum(dims) / signal.sum(dims).clamp_min(1)
-        return error.cpu().numpy(), chi2.cpu().numpy()
+        return error, chi2
 
 
 def object_consistency(

@@ -73,13 +73,15 @@ class LiveReconstruction(Publishing):
         n = predictor.patch_pixels
         self.consistency, trust = live_trust(predictor, probe, probe_source)
         footprint = self.consistency.footprint if self.consistency else None
+        pipeline = self.options.pipeline
+        if pipeline == "auto":
+            pipeline = "device" if getattr(predictor.device, "type", "cpu") == "cuda" else "host"
         self.stitcher = PatchStitcher(
             grid,
             n,
             patch_window(n, self.options.window, width_fraction=self.options.window_width),
             trust_window=footprint,
-            # On a GPU the sums stay on it: host stitching ran 30x slower than inference there (`make bench`).
-            device=predictor.device if getattr(predictor.device, "type", "cpu") == "cuda" else None,
+            device=predictor.device if pipeline == "device" else None,  # there the sums stay beside the predictions
         )
         self.sink = sink
         self._frame_scores: list[FrameConsistency] = []
@@ -281,11 +283,16 @@ class LiveReconstruction(Publishing):
         if not keep.any():
             return
         t0 = time.perf_counter()
-        amplitude, phase = self.predictor.predict(frames[keep])
+        measured: Any = frames[keep]
+        if self.stitcher.device is not None:  # the batch crosses to the device once and stays there
+            measured = self.predictor.upload(measured)
+            amplitude, phase = self.predictor.predict_counts(measured)
+        else:
+            amplitude, phase = self.predictor.predict(measured)
         t1 = time.perf_counter()
         scores = None
         if self.consistency is not None:
-            scores = self.consistency.score(amplitude, phase, frames[keep])
+            scores = self.consistency.score(amplitude, phase, measured)
         t2 = time.perf_counter()
         with self._lock:
             self.stitcher.add(amplitude, phase, positions[keep], trust=None if scores is None else scores.error)

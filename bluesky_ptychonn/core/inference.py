@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from .checkpoint import CheckpointInfo, load_model
 from .device import choose_device
 from .network import PtychoNN
 from .preprocess import preprocess
+from .tensor_preprocess import preprocess_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,6 @@ class Predictor:
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 16)
         self.precision = resolve_precision(precision, self.device)
         self.model = self._placed(model)
-        self._pinned: torch.Tensor | None = None  # page-locked staging buffer for host-to-GPU copies
 
     @classmethod
     def from_checkpoint(
@@ -86,37 +87,80 @@ class Predictor:
     def _placed(self, model: PtychoNN) -> PtychoNN:
         return model.to(self.device).eval().to(memory_format=torch.channels_last)
 
-    def _to_device(self, chunk: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            # Through one reused page-locked buffer: a DMA copy at full bus speed, without pinning
-            # new memory per batch. Safe to reuse: each batch ends with a blocking copy back.
-            if self._pinned is None or len(self._pinned) < len(chunk) or self._pinned.shape[1:] != chunk.shape[1:]:
-                self._pinned = torch.empty((max(len(chunk), self.batch_size), *chunk.shape[1:])).pin_memory()
-            staged = self._pinned[: len(chunk)]
-            staged.copy_(chunk)
-            chunk = staged.to(self.device, non_blocking=True)
-        return chunk.contiguous(memory_format=torch.channels_last)
+    def upload(self, frames: np.ndarray) -> torch.Tensor:
+        """Raw frames (N, rows, cols) as float32 tensors on the inference device.
+
+        On a GPU through page-locked memory and asynchronously: the host goes on while the copy
+        runs. torch's pinned-memory cache keeps a staging block until its copy is done, so
+        reusing it is safe without a wait here.
+        """
+        host = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
+        if self.device.type != "cuda":
+            return host
+        staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        staged.copy_(host)
+        return staged.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def predict_counts(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw counts already on the device (:meth:`upload`) -> (amplitude, phase), (N, n, n) float32 there.
+
+        For a pipeline that stays on the device (the live engine on a GPU): preprocessing runs
+        there too (:func:`~bluesky_ptychonn.core.tensor_preprocess.preprocess_tensor`) and nothing
+        comes back to the host. The caller has checked the frames (shape, NaN, negative counts).
+        """
+        x = preprocess_tensor(counts, self.info.recipe)
+        if not len(x):
+            empty = torch.empty((0, self.patch_pixels, self.patch_pixels), device=self.device)
+            return empty, empty
+        parts = [(amp.to(self.device), ph.to(self.device)) for _, _, amp, ph in self._forward(x)]
+        return torch.cat([a for a, _ in parts]), torch.cat([p for _, p in parts])
 
     @torch.inference_mode()
     def predict_preprocessed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`predict` for frames already preprocessed with the recipe (N, n, n)."""
         n = self.patch_pixels
-        amplitude = np.empty((len(x), n, n), np.float32)
-        phase = np.empty((len(x), n, n), np.float32)
+        if self.device.type != "cuda":
+            amplitude = np.empty((len(x), n, n), np.float32)
+            phase = np.empty((len(x), n, n), np.float32)
+            for start, stop, amp, ph in self._forward(torch.from_numpy(x)):
+                amplitude[start:stop], phase[start:stop] = amp.numpy(), ph.numpy()
+            return amplitude, phase
+        if len(x) > PINNED_FRAMES:  # bounded page-locked memory, whatever the call's size
+            parts = [self.predict_preprocessed(x[s : s + PINNED_FRAMES]) for s in range(0, len(x), PINNED_FRAMES)]
+            return np.concatenate([a for a, _ in parts]), np.concatenate([p for _, p in parts])
+        # Results land in page-locked memory, copied back asynchronously: no wait per batch, so the
+        # host stages the next batch while the device computes this one; one wait at the end.
+        out = torch.empty((2, len(x), n, n), pin_memory=True)
+        for start, stop, amp, ph in self._forward(torch.from_numpy(x)):
+            out[0, start:stop].copy_(amp, non_blocking=True)
+            out[1, start:stop].copy_(ph, non_blocking=True)
+        torch.cuda.synchronize()
+        return out[0].numpy(), out[1].numpy()
+
+    def _forward(self, x: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(start, stop, amplitude, phase) per batch of (N, n, n) inputs, on the host or the device.
+
+        Outputs stay where the model ran; a batch that runs out of device memory is retried
+        smaller (or on the CPU, see :meth:`_shrink`).
+        """
         start = 0
         while start < len(x):
-            chunk = torch.from_numpy(x[start : start + self.batch_size]).unsqueeze(1)
+            chunk = x[start : start + self.batch_size]
             try:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    amp, ph = self.model(self._to_device(chunk))
+                    amp, ph = self.model(self._on_device(chunk))
             except torch.OutOfMemoryError:
                 self._shrink()
                 continue  # the same frames again, in a smaller batch or on the CPU
-            stop = start + len(chunk)
-            amplitude[start:stop] = amp.float().squeeze(1).cpu().numpy()
-            phase[start:stop] = ph.float().squeeze(1).cpu().numpy()
-            start = stop
-        return amplitude, phase
+            yield start, start + len(chunk), amp.float().squeeze(1), ph.float().squeeze(1)
+            start += len(chunk)
+
+    def _on_device(self, chunk: torch.Tensor) -> torch.Tensor:
+        """(B, n, n) inputs as the model's (B, 1, n, n) channels-last batch on its device."""
+        if chunk.device.type != self.device.type:
+            chunk = self.upload(chunk.numpy()) if self.device.type == "cuda" else chunk.to(self.device)
+        return chunk.unsqueeze(1).contiguous(memory_format=torch.channels_last)
 
     def _shrink(self) -> None:
         """Out of device memory (another process took it, a larger model): halve the batch, then fall back to the CPU.
@@ -138,6 +182,10 @@ class Predictor:
         self.model = self._placed(self.model)
         self.batch_size = 16
 
+
+#: Frames per page-locked result block on a GPU (two float32 images each): larger calls go in blocks,
+#: so torch's pinned-memory cache never holds more than a few hundred MB.
+PINNED_FRAMES = 8192
 
 #: Largest difference from float32 a bf16 image may show (stitched, on a trained model), tested:
 #: phase in radians and amplitude relative to its range.

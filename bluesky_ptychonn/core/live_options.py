@@ -26,6 +26,14 @@ class LiveOptions(Frozen):
     window_width: float = Field(
         STITCH_WIDTH, gt=0, le=1, description="Width of the stitching window as a fraction of the patch."
     )
+    pipeline: Literal["auto", "device", "host"] = Field(
+        "auto",
+        description=(
+            "Where a batch is preprocessed, scored and stitched. 'device': on the inference device, so a batch "
+            "crosses to it once and only two scores per frame come back; 'host': numpy on the host; 'auto': "
+            "'device' on a GPU (host stitching ran 30x slower than inference there), 'host' on the CPU."
+        ),
+    )
     saturation_counts: float | None = Field(
         None, gt=0, description="Frames with any pixel at or above this are dropped as saturated; None keeps them."
     )

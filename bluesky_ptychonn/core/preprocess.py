@@ -40,7 +40,7 @@ def check_frames(frames: np.ndarray, frame_shape: tuple[int, int]) -> np.ndarray
 
 
 @lru_cache(maxsize=16)
-def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
+def area_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) matrix averaging input pixels by their overlap with each output pixel."""
     edges_in = np.arange(n_in + 1) / n_in
     edges_out = np.arange(n_out + 1) / n_out
@@ -68,7 +68,7 @@ def preprocess(frames: np.ndarray, recipe: PreprocessRecipe) -> np.ndarray:
         b, m = recipe.bin_factor, x.shape[1] // recipe.bin_factor
         x = x.reshape(len(x), m, b, m, b).mean(axis=(2, 4))
     if recipe.resize_pixels and recipe.resize_pixels != x.shape[1]:
-        a = _area_matrix(x.shape[1], recipe.resize_pixels)
+        a = area_matrix(x.shape[1], recipe.resize_pixels)
         x = a @ x @ a.T
     if recipe.threshold_counts:
         x = np.where(x < recipe.threshold_counts, 0, x)

@@ -113,12 +113,14 @@ class PatchStitcher:
     ) -> None:
         """Add (N, n, n) amplitude and phase patches centred at (N, 2) positions in metres.
 
-        ``trust`` (N,) holds each patch's consistency error; it is required when the stitcher
-        keeps a trust map and refused otherwise. Positions whose patch leaves the grid raise
-        :class:`~bluesky_ptychonn.errors.PositionError` before anything is added, so a failed call
-        leaves the image unchanged.
+        ``trust`` (N,) holds each patch's consistency error; it is required when the stitcher keeps
+        a trust map and refused otherwise. On a torch device the patches and ``trust`` may be
+        tensors already there (a GPU pipeline's predictions): they are used in place. Positions
+        whose patch leaves the grid raise :class:`~bluesky_ptychonn.errors.PositionError` before
+        anything is added, so a failed call leaves the image unchanged.
         """
-        amplitude, phase = np.asarray(amplitude), np.asarray(phase)
+        if self.device is None:
+            amplitude, phase = np.asarray(amplitude), np.asarray(phase)
         if amplitude.shape != phase.shape or amplitude.ndim != 3 or amplitude.shape[1:] != (self.n, self.n):
             raise FrameError(
                 f"expected amplitude and phase patches of shape (N, {self.n}, {self.n}), "
@@ -138,7 +140,7 @@ class PatchStitcher:
         sums = [(self._amp, on(amplitude) * window), (self._phasor, phasor), (self._weight, window)]
         if self._trust is not None and self.trust_window is not None and trust is not None:
             trust_window = on(self.trust_window)
-            weighted = on(np.asarray(trust, np.float32)[:, None, None]) * trust_window
+            weighted = on(trust)[:, None, None] * trust_window
             sums += [(self._trust, weighted), (self._trust_weight, trust_window)]
         self._mark(_splat_add(sums, corners, self.n, self.device))
         self.frames += len(amplitude)
@@ -202,8 +204,9 @@ def _splat_add(
     y0, x0 = int(iy.min()), int(ix.min())
     box_h, box_w = int(iy.max()) + n + 1 - y0, int(ix.max()) + n + 1 - x0
     y1, x1 = min(y0 + box_h, height), min(x0 + box_w, width)  # a zero-weight last row/column may overhang
-    steps = np.arange(n + 1)
-    index = on((((iy - y0)[:, None, None] + steps[:, None]) * box_w + ((ix - x0)[:, None, None] + steps)).ravel())
+    # Built where the sums are: on a GPU, N (n+1)^2 indices made there instead of copied over.
+    steps, rows, cols = on(np.arange(n + 1)), on((iy - y0)[:, None, None]), on((ix - x0)[:, None, None])
+    index = ((rows + steps[:, None]) * box_w + (cols + steps)).ravel()
     for grid, patches in sums:
         zeros = _zeros_on(device, ())
         # Separable: spread over the two row shifts, then the two column shifts.
@@ -230,10 +233,11 @@ def _torch() -> Any:
 
 
 def _to(device: Any) -> Callable[[Any], Any]:
-    """A function putting a numpy array where the stitcher computes (itself on the host)."""
+    """A function putting an array where the stitcher computes (a tensor already there stays as it is)."""
     if device is None:
         return np.asarray
-    return lambda a: _torch().as_tensor(np.asarray(a), device=device)
+    torch = _torch()
+    return lambda a: torch.as_tensor(a if isinstance(a, torch.Tensor) else np.asarray(a), device=device)
 
 
 def _zeros_on(device: Any, shape: tuple[int, ...]) -> Callable[..., Any]:
