@@ -10,11 +10,13 @@ import importlib
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     "bench_inference",
+    "bench_compile",
     "bench_engine",
     "bench_acquisition",
     "bench_live",
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     report = [f"# `make bench` {stamp}", ""]
+    failed: list[str] = []
     for name in args.only or BENCHMARKS:
         try:
             module = importlib.import_module(name)
@@ -43,15 +46,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped ({err})")
             continue
         print(f"== {name}")
-        result = module.run(quick=args.quick)
+        try:
+            result = module.run(quick=args.quick)
+        except Exception:  # one broken benchmark must not lose the others' figures
+            traceback.print_exc()
+            failed.append(name)
+            report += [f"## {name}: failed", "", "```", traceback.format_exc(limit=3).strip(), "```", ""]
+            continue
         path = args.out / f"{name}-{stamp}.json"
         path.write_text(json.dumps(result, indent=2))
         print(f"   written to {path}")
         report += markdown(result)
     table = args.out / f"bench-{stamp}.md"
     table.write_text("\n".join(report) + "\n")
-    print(f"tables written to {table}")
-    return 0
+    print(f"tables written to {table}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 def markdown(result: dict) -> list[str]:
