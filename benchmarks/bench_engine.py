@@ -33,49 +33,55 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def _engine(name: str, scan, geometry: DetectorGeometry, compiled: bool, quick: bool) -> dict:
+    """One device's engine row (with the network compiled, on a GPU)."""
+    machine = describe(name)
+    predictor = Predictor.from_checkpoint(base_model_path(), device=name, compile=compiled)
+    batch = 64 if name == "cpu" else 1024
+    predictor.batch_size = batch
+    repeats = 1 if (quick or name == "cpu") else 20  # frames: 1,024 per repeat
+    frames = np.concatenate([scan.frames] * repeats)
+    positions = np.concatenate([scan.positions_m] * repeats)
+    pixel_size_m = predictor.info.recipe.pixel_size_m(geometry)
+    grid = ObjectGrid.covering(scan.positions_m, pixel_size_m, predictor.patch_pixels)
+    x = preprocess(frames[:batch], predictor.info.recipe)
+    predictor.predict_preprocessed(x)  # warm-up (and compilation)
+    t0 = time.perf_counter()
+    for _ in range(max(1, len(frames) // batch)):
+        predictor.predict_preprocessed(x)
+    model_only = max(1, len(frames) // batch) * batch / (time.perf_counter() - t0)
+
+    options = LiveOptions(batch_size=batch, max_wait_s=0.05, max_queued_frames=len(frames))
+    live = LiveReconstruction(predictor, grid, None, {"raw_uid": "bench"}, options, probe=scan.probe)
+    t0 = time.perf_counter()
+    for s in range(0, len(frames), batch):
+        live.submit(np.arange(s, s + batch), frames[s : s + batch], positions[s : s + batch])
+    live.finish()
+    live.wait()
+    engine = len(frames) / (time.perf_counter() - t0)
+    per_frame = {k: round(v / len(frames) * 1e6, 1) for k, v in live.timings.items() if k != "publish_s"}
+    row = {
+        "device": device_name(machine),
+        "precision": predictor.precision + (" compiled" if predictor.compiled else ""),
+        "batch": batch,
+        "frames": len(frames),
+        "engine_frames_per_s": round(engine, 1),
+        "model_only_frames_per_s": round(model_only, 1),
+        "ratio": round(engine / model_only, 3),
+        **{f"{k.removesuffix('_s')}_us_per_frame": v for k, v in per_frame.items()},
+    }
+    print(
+        f"   {name}{' compiled' if compiled else ''}: engine {engine:.0f} frames/s vs model only {model_only:.0f} "
+        f"frames/s (ratio {row['ratio']:.2f}); per frame (us): {per_frame}"
+    )
+    return row
+
+
 def run(quick: bool = False) -> dict:
     geometry = DetectorGeometry(frame_pixels=64)
     scan = simulate_scan(geometry=geometry, scan_shape=(32, 32))
     results = []
     for name in devices():
-        machine = describe(name)
-        predictor = Predictor.from_checkpoint(base_model_path(), device=name)
-        batch = 64 if name == "cpu" else 1024
-        predictor.batch_size = batch
-        repeats = 1 if (quick or name == "cpu") else 20  # frames: 1,024 per repeat
-        frames = np.concatenate([scan.frames] * repeats)
-        positions = np.concatenate([scan.positions_m] * repeats)
-        pixel_size_m = predictor.info.recipe.pixel_size_m(geometry)
-        grid = ObjectGrid.covering(scan.positions_m, pixel_size_m, predictor.patch_pixels)
-        x = preprocess(frames[:batch], predictor.info.recipe)
-        predictor.predict_preprocessed(x)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(max(1, len(frames) // batch)):
-            predictor.predict_preprocessed(x)
-        model_only = max(1, len(frames) // batch) * batch / (time.perf_counter() - t0)
-
-        options = LiveOptions(batch_size=batch, max_wait_s=0.05, max_queued_frames=len(frames))
-        live = LiveReconstruction(predictor, grid, None, {"raw_uid": "bench"}, options, probe=scan.probe)
-        t0 = time.perf_counter()
-        for s in range(0, len(frames), batch):
-            live.submit(np.arange(s, s + batch), frames[s : s + batch], positions[s : s + batch])
-        live.finish()
-        live.wait()
-        engine = len(frames) / (time.perf_counter() - t0)
-        per_frame = {k: round(v / len(frames) * 1e6, 1) for k, v in live.timings.items() if k != "publish_s"}
-        row = {
-            "device": device_name(machine),
-            "precision": predictor.precision,
-            "batch": batch,
-            "frames": len(frames),
-            "engine_frames_per_s": round(engine, 1),
-            "model_only_frames_per_s": round(model_only, 1),
-            "ratio": round(engine / model_only, 3),
-            **{f"{k.removesuffix('_s')}_us_per_frame": v for k, v in per_frame.items()},
-        }
-        results.append(row)
-        print(
-            f"   {name}: engine {engine:.0f} frames/s vs model only {model_only:.0f} frames/s "
-            f"(ratio {row['ratio']:.2f}); per frame (us): {per_frame}"
-        )
+        for compiled in (False, True) if name.startswith("cuda") else (False,):
+            results.append(_engine(name, scan, geometry, compiled, quick))
     return {"benchmark": "live engine in memory", "machine": describe(devices()[-1]), "results": results}

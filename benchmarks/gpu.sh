@@ -2,6 +2,7 @@
 # The GPU half of `make bench`, on a machine whose python3 already holds torch with CUDA and that
 # cannot reach a package index: what else the benchmarks need comes as wheels in .whl/ (README,
 # "Performance"). Writes the GPU tests' log, the GPU's name and the benchmarks' figures to $OUT.
+# Usage: OUT=dir benchmarks/gpu.sh [benchmark ...]   (default: the GPU-bound ones)
 set -u
 out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
@@ -17,4 +18,6 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -W default::Deprecat
 echo "GPU tests: exit $?"
 tail -5 "$out/gpu-tests.log"
 # torch.compile last: its build time is the least certain
-timeout "${BENCH_TIMEOUT_S:-420}" python3 benchmarks/run.py --only bench_inference bench_engine bench_live bench_compile --out "$out"
+benchmarks=("$@")
+[ ${#benchmarks[@]} -gt 0 ] || benchmarks=(bench_inference bench_engine bench_live bench_compile)
+timeout "${BENCH_TIMEOUT_S:-420}" python3 benchmarks/run.py --only "${benchmarks[@]}" --out "$out"

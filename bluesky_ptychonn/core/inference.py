@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,11 @@ class Predictor:
         CPU whose oneDNN has AVX-512 BF16 or AMX), float32 elsewhere: emulated bf16 ran the paper
         network 20x slower than float32 on an AVX2-only CPU. bf16 images stay within
         :data:`BF16_TOLERANCE` of float32 (tested).
+    compile : bool
+        On a GPU, run the network as a ``torch.compile`` graph: 2.3x (paper network) and 1.8x
+        (small) the eager forward rate on an H200 at batch 1,024 (`make bench`, ``bench_compile``),
+        after 8-17 s of compilation at the first batch. Batches are padded to ``batch_size`` so
+        one graph serves them all. Ignored on the CPU, where inductor's C++ build costs minutes.
 
     Notes
     -----
@@ -49,6 +55,7 @@ class Predictor:
         device: str = "auto",
         batch_size: int | None = None,
         precision: str = "auto",
+        compile: bool = False,
     ) -> None:
         self.device = choose_device(device)
         self.info = info
@@ -57,14 +64,25 @@ class Predictor:
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 16)
         self.precision = resolve_precision(precision, self.device)
         self.model = self._placed(model)
+        self._graph: Any = torch.compile(self.model, dynamic=False) if compile and self.device.type == "cuda" else None
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str = "auto", batch_size: int | None = None, precision: str = "auto"
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        batch_size: int | None = None,
+        precision: str = "auto",
+        compile: bool = False,
     ) -> Predictor:
         """Load a checkpoint (validated, no pickle) and wrap it."""
         model, info = load_model(path, "cpu")
-        return cls(model, info, device=device, batch_size=batch_size, precision=precision)
+        return cls(model, info, device=device, batch_size=batch_size, precision=precision, compile=compile)
+
+    @property
+    def compiled(self) -> bool:
+        """True when the network runs as a compiled graph."""
+        return self._graph is not None
 
     @property
     def patch_pixels(self) -> int:
@@ -148,12 +166,16 @@ class Predictor:
         while start < len(x):
             chunk = x[start : start + self.batch_size]
             try:
+                batch = self._on_device(chunk)
+                if self._graph is not None and len(chunk) < self.batch_size:  # one shape, one graph
+                    batch = torch.cat([batch, batch.new_zeros((self.batch_size - len(chunk), *batch.shape[1:]))])
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    amp, ph = self.model(self._on_device(chunk))
+                    amp, ph = (self._graph or self.model)(batch.contiguous(memory_format=torch.channels_last))
             except torch.OutOfMemoryError:
                 self._shrink()
                 continue  # the same frames again, in a smaller batch or on the CPU
-            yield start, start + len(chunk), amp.float().squeeze(1), ph.float().squeeze(1)
+            n = len(chunk)
+            yield start, start + n, amp[:n].float().squeeze(1), ph[:n].float().squeeze(1)
             start += len(chunk)
 
     def _on_device(self, chunk: torch.Tensor) -> torch.Tensor:
@@ -180,6 +202,7 @@ class Predictor:
         self.device = torch.device("cpu")
         self.precision = resolve_precision("auto", self.device)
         self.model = self._placed(self.model)
+        self._graph = None
         self.batch_size = 16
 
 

@@ -94,7 +94,9 @@ class ModelWatcher:
             return False
         self._stamp = stamp
         try:
-            predictor = Predictor.from_checkpoint(self.section.checkpoint, device=self.section.device)
+            predictor = Predictor.from_checkpoint(
+                self.section.checkpoint, device=self.section.device, compile=self.section.compile
+            )
         except CheckpointError as err:  # a half-written or bad file: keep the current model
             logger.error(
                 "new checkpoint refused, keeping model %s: %s", self.callback.predictor.info.content_hash[:12], err
@@ -136,7 +138,9 @@ def build_callback(config: ServiceConfig, *, after_final: Callable[[str], None] 
     from ..core.inference import Predictor
 
     client = tiled_client(config.tiled)  # a wrong key or URI fails here, before the model loads
-    predictor = Predictor.from_checkpoint(config.model.checkpoint, device=config.model.device)
+    predictor = Predictor.from_checkpoint(
+        config.model.checkpoint, device=config.model.device, compile=config.model.compile
+    )
     return PtychoNNCallback(predictor, client, config.callback_config(), after_final=after_final)
 
 

@@ -53,6 +53,9 @@ class ModelSection(Frozen):
         description="The model to load: a safetensors checkpoint, or a shipped base model's name (default-64)."
     )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:n]'.")
+    compile: bool = Field(
+        False, description="On a GPU, run the network as a torch.compile graph (about 2x; compiles at the first batch)."
+    )
     reload_interval_s: float = Field(10.0, ge=0, description="How often to look for a new checkpoint; 0 never.")
 
     @field_validator("checkpoint", mode="before")
