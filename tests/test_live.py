@@ -94,6 +94,8 @@ def test_partial_coverage_grows_in_tiled(server, scan, predictor):
     assert all(0 < np.prod(shape) < np.prod(scan.grid.shape) for shape, _ in sent)
     assert sent[0][1] != sent[-1][1]
     np.testing.assert_allclose(final["phase"], live.snapshot().phase, atol=1e-6)
+    # Publishes are progress, not history: the catalog keeps no revision of their metadata.
+    assert len(client["processed"]["run-b"]["ptychonn"].metadata_revisions) == 0
 
 
 def test_bad_frames_are_dropped_counted_and_recorded(server, scan, predictor):

@@ -170,10 +170,11 @@ class ConsistencyModel:
 
         from .tensor_preprocess import preprocess_tensor
 
-        if isinstance(frames, torch.Tensor):
-            measured = preprocess_tensor(frames.to(self.device), self._orient)
-        else:
-            measured = preprocess(frames, self._orient)
+        measured: Any = (
+            preprocess_tensor(frames.to(self.device), self._orient)
+            if isinstance(frames, torch.Tensor)
+            else preprocess(frames, self._orient)
+        )
         parts = []
         with torch.inference_mode():
             for s in range(0, len(measured), batch_size):

@@ -170,7 +170,8 @@ class Predictor:
                 if self._graph is not None and len(chunk) < self.batch_size:  # one shape, one graph
                     batch = torch.cat([batch, batch.new_zeros((self.batch_size - len(chunk), *batch.shape[1:]))])
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    amp, ph = (self._graph or self.model)(batch.contiguous(memory_format=torch.channels_last))
+                    network = self.model if self._graph is None else self._graph  # a compiled module has no truth value
+                    amp, ph = network(batch.contiguous(memory_format=torch.channels_last))
             except torch.OutOfMemoryError:
                 self._shrink()
                 continue  # the same frames again, in a smaller batch or on the CPU
