@@ -132,6 +132,7 @@ def _watch(client, uid: str, consumer: _Consumer, timeout_s: float, poll_s: floa
 
 
 def run(quick: bool = False) -> dict:
+    import zmq
     from bench_live import live_frames
     from bluesky import RunEngine
     from bluesky.callbacks.zmq import Publisher
@@ -179,12 +180,14 @@ def run(quick: bool = False) -> dict:
             )
         )
         consumer = _Consumer(config, archive.server.api_key)
+        publishers = []
         try:
             consumer.wait_for("consuming documents")
             publisher = Publisher(zmq_in, serializer=serialize)
             # A 0MQ PUB drops what it sends before the subscriber is connected: probe with a message
             # the consumer refuses (and says so) until it answers.
             probe = Publisher(zmq_in, serializer=pickle.dumps)
+            publishers += [publisher, probe]
             consumer.wait_for("dropped a 0MQ message", poke=lambda: probe("start", {"uid": "probe", "time": 0.0}))
             run_engine = RunEngine({})
             subscribe_archive(run_engine, archive.client)
@@ -223,6 +226,9 @@ def run(quick: bool = False) -> dict:
                 f"({rss_final / rss_first - 1:+.1%}; target within 10 %), peak {watched['memory']['VmHWM']:.0f} MiB"
             )
         finally:
+            for p in publishers:  # with messages queued for the stopped proxy, a garbage-collected
+                p._socket.setsockopt(zmq.LINGER, 0)  # context's term() would block the process for good
+                p.close()
             consumer.stop()
             proxy.terminate()
             archive.close()
