@@ -140,7 +140,7 @@ class LiveReconstruction(Publishing):
         problem = malformed_submission(ids, frames, positions_m, tuple(self.predictor.info.recipe.frame_shape))
         if ids.dtype.kind in "iu":
             with self._lock:
-                self._arrived.update(int(i) for i in ids)
+                self._arrived.update(ids.tolist())
         if problem:  # refuse here: one bad submission must not sink a whole micro-batch
             self.record_error(f"dropped {len(ids)} frames: {problem}")
             self._count("frames_dropped", len(ids))
@@ -356,6 +356,10 @@ class LiveReconstruction(Publishing):
             )
             self._count("frames_dropped", int(off.sum()))
             keep &= ~off
+        kept = ids[keep].tolist()
+        if len(set(kept)) == len(kept) and self._seen.isdisjoint(kept):  # the usual case, without a loop per frame
+            self._seen.update(kept)
+            return keep
         duplicate = np.zeros(len(ids), bool)
         for k in np.flatnonzero(keep):  # in order, so a repeat inside this batch counts as well
             duplicate[k] = int(ids[k]) in self._seen
