@@ -124,11 +124,11 @@ class FailingOnce(Predictor):
 
     calls = 0
 
-    def predict(self, frames):
+    def predict_counts(self, frames):
         self.calls += 1
         if self.calls == 2:
             raise RuntimeError("injected fault in batch 2")
-        return super().predict(frames)
+        return super().predict_counts(frames)
 
 
 def test_an_exception_in_one_batch_is_recorded_and_the_run_goes_on(server, scan, predictor):

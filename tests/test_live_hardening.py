@@ -49,9 +49,9 @@ class Slow(Predictor):
 
     delay = 0.5
 
-    def predict(self, frames):
+    def predict_counts(self, frames):
         time.sleep(self.delay)
-        return super().predict(frames)
+        return super().predict_counts(frames)
 
 
 def _slow(predictor, delay=0.5):

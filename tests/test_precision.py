@@ -114,6 +114,13 @@ def test_preprocessing_on_the_device_matches_the_numpy_recipe(scan, recipe, devi
     np.testing.assert_allclose(on_device, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
 
 
+def test_auto_runs_the_torch_pipeline_on_the_cpu_too(scan, reference):
+    """Measured faster there as well (1.3x the engine's frames/s on the 2-core CPU): 'auto' is 'device'."""
+    predictor = Predictor.from_checkpoint(base_model_path(), device="cpu", precision="float32")
+    live = _live(predictor, scan, reference.grid, "auto")
+    assert live.stitcher.device == predictor.device
+
+
 def test_the_device_pipeline_gives_the_host_pipeline_image(scan, reference):
     """The path a GPU takes (upload once, preprocess, score and stitch beside the predictions), run
     on the CPU with torch: the same image and trust map as numpy on the host, to float32 rounding."""

@@ -151,11 +151,11 @@ def test_replay_command_takes_many_runs(tiled_server, archive, checkpoint, monke
 
 
 class _Slow(Predictor):
-    def predict(self, frames):
+    def predict_counts(self, frames):
         import time
 
         time.sleep(0.3)
-        return super().predict(frames)
+        return super().predict_counts(frames)
 
 
 def test_replay_keeps_the_live_result_until_its_own_is_complete_and_uses_the_live_grid(

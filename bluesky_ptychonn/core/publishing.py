@@ -30,6 +30,7 @@ class Publishing:
     stitcher: Any
     consistency: Any
     _lock: threading.Lock
+    _queued: int
     _dirty: threading.Event
     _finished: threading.Event
     _published_final: threading.Event
@@ -83,11 +84,18 @@ class Publishing:
                     time.sleep(delay)
                     delay = min(30.0, delay * 2)
                     continue
-            # Next publish one cadence after this one started, but never sooner than this one took:
-            # publishing (and the Tiled server, often on the same cores) gets at most half the time,
-            # so a slow server cannot starve inference. Wakes at once when the run finishes.
+            # Next publish one cadence after this one started. While frames queue for the model, never
+            # sooner than this one took: publishing (and the Tiled server, often on the same cores)
+            # then gets at most half the time, so a slow server cannot starve inference. With the
+            # model keeping up, as soon as there is something new: the least frame-to-Tiled latency.
             took = time.monotonic() - tick
-            self._finished.wait(max(self.options.publish_interval_s - took, took))
+            backlog = took if self._frames_waiting() else 0.0
+            self._finished.wait(max(self.options.publish_interval_s - took, backlog))
+            self._dirty.wait()  # a batch, an error, a skip or the run's end (set by _conclude) wakes it
+
+    def _frames_waiting(self) -> bool:
+        """More frames queued than one micro-batch: the model is behind (not just a burst of arrivals)."""
+        return self._queued > self.options.batch_size
 
     def _log_progress(self, due: float) -> float:
         """With ``progress_s``, one INFO line of frames so far and their rate when due; returns the next due time."""
