@@ -33,7 +33,7 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _engine(name: str, scan, geometry: DetectorGeometry, compiled: bool, quick: bool) -> dict:
+def _engine(name: str, scan, geometry: DetectorGeometry, compiled: bool, quick: bool, pipeline: str = "auto") -> dict:
     """One device's engine row (with the network compiled, on a GPU)."""
     machine = describe(name)
     predictor = Predictor.from_checkpoint(base_model_path(), device=name, compile=compiled)
@@ -51,7 +51,7 @@ def _engine(name: str, scan, geometry: DetectorGeometry, compiled: bool, quick: 
         predictor.predict_preprocessed(x)
     model_only = max(1, len(frames) // batch) * batch / (time.perf_counter() - t0)
 
-    options = LiveOptions(batch_size=batch, max_wait_s=0.05, max_queued_frames=len(frames))
+    options = LiveOptions(batch_size=batch, max_wait_s=0.05, max_queued_frames=len(frames), pipeline=pipeline)
     live = LiveReconstruction(predictor, grid, None, {"raw_uid": "bench"}, options, probe=scan.probe)
     t0 = time.perf_counter()
     for s in range(0, len(frames), batch):
@@ -63,6 +63,7 @@ def _engine(name: str, scan, geometry: DetectorGeometry, compiled: bool, quick: 
     row = {
         "device": device_name(machine),
         "precision": predictor.precision + (" compiled" if predictor.compiled else ""),
+        "pipeline": "host (numpy)" if pipeline == "host" else "device (torch)",
         "batch": batch,
         "frames": len(frames),
         "engine_frames_per_s": round(engine, 1),
@@ -71,7 +72,8 @@ def _engine(name: str, scan, geometry: DetectorGeometry, compiled: bool, quick: 
         **{f"{k.removesuffix('_s')}_us_per_frame": v for k, v in per_frame.items()},
     }
     print(
-        f"   {name}{' compiled' if compiled else ''}: engine {engine:.0f} frames/s vs model only {model_only:.0f} "
+        f"   {name}{' compiled' if compiled else ''}, {row['pipeline']} pipeline: engine {engine:.0f} frames/s "
+        f"vs model only {model_only:.0f} "
         f"frames/s (ratio {row['ratio']:.2f}); per frame (us): {per_frame}"
     )
     return row
@@ -84,4 +86,6 @@ def run(quick: bool = False) -> dict:
     for name in devices():
         for compiled in (False, True) if name.startswith("cuda") else (False,):
             results.append(_engine(name, scan, geometry, compiled, quick))
+        if name == "cpu":  # the numpy path beside the default torch one, on the same frames
+            results.append(_engine(name, scan, geometry, False, quick, pipeline="host"))
     return {"benchmark": "live engine in memory", "machine": describe(devices()[-1]), "results": results}

@@ -69,7 +69,8 @@ def markdown(result: dict) -> list[str]:
     Columns holding lists or tables (per-epoch curves, nested quality figures) stay in the JSON only.
     """
     lines = [f"## {result.get('benchmark', '?')}", "", f"Machine: `{json.dumps(result.get('machine', {}))}`", ""]
-    rows = result.get("results", [])
+    # A benchmark of one measurement (acquisition) keeps its figures at the top level: one row.
+    rows = result.get("results") or [{k: v for k, v in result.items() if k not in ("benchmark", "machine", "note")}]
     keys = [
         k
         for k in dict.fromkeys(k for row in rows for k in row)

@@ -115,7 +115,7 @@ def test_preprocessing_on_the_device_matches_the_numpy_recipe(scan, recipe, devi
 
 
 def test_auto_runs_the_torch_pipeline_on_the_cpu_too(scan, reference):
-    """Measured faster there as well (1.3x the engine's frames/s on the 2-core CPU): 'auto' is 'device'."""
+    """Measured faster there as well (1.1x the engine's frames/s on the 2-core CPU): 'auto' is 'device'."""
     predictor = Predictor.from_checkpoint(base_model_path(), device="cpu", precision="float32")
     live = _live(predictor, scan, reference.grid, "auto")
     assert live.stitcher.device == predictor.device

@@ -31,7 +31,7 @@ class LiveOptions(Frozen):
         description=(
             "Where a batch is preprocessed, scored and stitched. 'device': with torch on the inference device, "
             "so on a GPU a batch crosses to it once and only two scores per frame come back; 'host': numpy on "
-            "the host; 'auto' is 'device' (measured faster on both: on the 2-core CPU the engine ran 1.3x the "
+            "the host; 'auto' is 'device' (measured faster on both: on the 2-core CPU the engine ran 1.1x the "
             "frames/s of 'host', on the H200 host stitching ran 30x slower than inference)."
         ),
     )
