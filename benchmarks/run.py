@@ -20,6 +20,7 @@ BENCHMARKS = [
     "bench_engine",
     "bench_acquisition",
     "bench_live",
+    "bench_publish",
     "bench_consumer",
     "bench_trust",
     "bench_refine",
