@@ -73,16 +73,13 @@ class LiveReconstruction(Publishing):
         n = predictor.patch_pixels
         self.consistency, trust = live_trust(predictor, probe, probe_source)
         footprint = self.consistency.footprint if self.consistency else None
-        device = getattr(predictor, "device", None)  # a predictor without torch (a test double) stitches on the host
-        pipeline = self.options.pipeline
-        if pipeline == "auto":
-            pipeline = "device" if device is not None else "host"
+        pipeline = "device" if self.options.pipeline == "auto" else self.options.pipeline
         self.stitcher = PatchStitcher(
             grid,
             n,
             patch_window(n, self.options.window, width_fraction=self.options.window_width),
             trust_window=footprint,
-            device=device if pipeline == "device" else None,  # there the sums stay beside the predictions
+            device=predictor.device if pipeline == "device" else None,  # there the sums stay beside the predictions
         )
         self.sink = sink
         self._frame_scores: list[FrameConsistency] = []
