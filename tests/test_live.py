@@ -1,5 +1,6 @@
 """LiveReconstruction and the Tiled sink against a real in-process Tiled server."""
 
+import threading
 import time
 
 import numpy as np
@@ -77,10 +78,16 @@ def test_partial_coverage_grows_in_tiled(server, scan, predictor):
     rows = np.argsort(scan.positions_m[:, 0], kind="stable")
     live.submit(scan.frame_ids[rows[:12]], scan.frames[rows[:12]], scan.positions_m[rows[:12]])
     _wait_until(lambda: live.metadata["frames_done"] == 12)
-    live._dirty.set()
-    live._finished.set()  # wake the publisher once without finishing the run
-    live._finished.clear()
-    _wait_until(lambda: live.publish_log)
+
+    def published_all_twelve():  # it published at the first batch, then waits a cadence: wake it, not finishing
+        if live.publish_log and live.publish_log[-1][1] == 12:
+            return True
+        live._dirty.set()
+        live._finished.set()
+        live._finished.clear()
+        return False
+
+    _wait_until(published_all_twelve)
     first, md = _read(client, "run-b")
     assert md["status"] == "running" and md["frames_done"] == 12
     live.submit(scan.frame_ids[rows[12:]], scan.frames[rows[12:]], scan.positions_m[rows[12:]])
@@ -134,7 +141,8 @@ class FailingOnce(Predictor):
 def test_an_exception_in_one_batch_is_recorded_and_the_run_goes_on(server, scan, predictor):
     client = from_uri(server.uri)
     flaky = FailingOnce(predictor.model, predictor.info, device="cpu")
-    live = LiveReconstruction(flaky, scan.grid, TiledSink(client, "run-d"), {"raw_uid": "run-d"}, FAST)
+    options = FAST.model_copy(update={"batch_size": 12})  # one micro-batch per submission
+    live = LiveReconstruction(flaky, scan.grid, TiledSink(client, "run-d"), {"raw_uid": "run-d"}, options)
     for chunk in np.array_split(np.arange(len(scan.frames)), 3):
         live.submit(scan.frame_ids[chunk], scan.frames[chunk], scan.positions_m[chunk])
         _wait_until(lambda c=chunk: live.metadata["frames_done"] + 12 >= c[-1] + 1)
@@ -176,3 +184,66 @@ def test_progress_is_logged_while_the_run_goes_on_when_asked(server, scan, predi
     live.finish("complete")
     assert live.wait(30)
     assert caplog.records[-1].getMessage().startswith("run run-p: complete, 10 frames in ")
+
+
+class _Recording:
+    """A sink that keeps what each publish carried (frames done), and says when it was prepared and first used."""
+
+    def __init__(self):
+        self.frames: list[int] = []
+        self.prepared, self.published = threading.Event(), threading.Event()
+
+    def prepare(self, shape, *, trust, metadata):
+        self.prepared.set()
+
+    def publish(self, image, metadata):
+        self.frames.append(image.frames)
+        self.published.set()
+
+
+class _Slow(Predictor):
+    """Each micro-batch takes 0.1 s more, as on a busy CPU: the publisher has time between two of them."""
+
+    def predict_counts(self, frames):
+        time.sleep(0.1)
+        return super().predict_counts(frames)
+
+
+def test_a_burst_is_stitched_and_published_micro_batch_by_micro_batch(scan, predictor):
+    """Was: one late submission of many frames (a detector flushing a burst) reached Tiled only as a whole."""
+    sink = _Recording()
+    slow = _Slow(predictor.model, predictor.info, device="cpu")
+    options = FAST.model_copy(update={"batch_size": 8})
+    live = LiveReconstruction(slow, scan.grid, sink, {"raw_uid": "burst"}, options)
+    live.submit(scan.frame_ids, scan.frames, scan.positions_m)  # 36 frames in one submission
+    live.finish("complete")
+    assert live.wait(30)
+    partial = [n for n in sink.frames if 0 < n < len(scan.frames)]
+    assert partial and all(n % 8 == 0 for n in partial), sink.frames
+    assert sink.frames[-1] == live.metadata["frames_done"] == len(scan.frames)
+
+
+def test_a_failed_micro_batch_of_a_burst_loses_only_itself(scan, predictor):
+    flaky = FailingOnce(predictor.model, predictor.info, device="cpu")
+    live = LiveReconstruction(
+        flaky, scan.grid, _Recording(), {"raw_uid": "burst-fault"}, FAST.model_copy(update={"batch_size": 8})
+    )
+    live.submit(scan.frame_ids, scan.frames, scan.positions_m)
+    live.finish("complete")
+    assert live.wait(30)
+    assert live.metadata["frames_done"] == len(scan.frames) - 8
+    assert [e for e in live.metadata["errors"] if "injected fault" in e][0].startswith("batch of 8 frames failed")
+
+
+def test_the_first_image_goes_out_once_stitched_not_a_cadence_after_the_result_was_prepared(scan, predictor):
+    """Was: a publisher pass with nothing new still waited a whole cadence, so the first image came a cadence late."""
+    sink = _Recording()
+    live = LiveReconstruction(
+        predictor, scan.grid, sink, {"raw_uid": "first"}, FAST.model_copy(update={"publish_interval_s": 60})
+    )
+    assert sink.prepared.wait(10)
+    time.sleep(0.3)  # the publisher has found nothing to publish and waits
+    live.submit(scan.frame_ids[:8], scan.frames[:8], scan.positions_m[:8])
+    assert sink.published.wait(10)
+    live.finish("complete")
+    assert live.wait(30)

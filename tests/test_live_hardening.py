@@ -254,7 +254,7 @@ def test_a_permanent_refusal_is_not_retried_as_an_outage(scan, predictor):
     live.finish("complete")
     t0 = time.monotonic()
     assert not live.wait(30)
-    assert time.monotonic() - t0 < 5 and sink.calls <= 2
+    assert time.monotonic() - t0 < 20 and sink.calls <= 2  # not final_retry_s (600 s); generous for a loaded CI
     assert not live.write_final(sink, timeout_s=600)
 
 

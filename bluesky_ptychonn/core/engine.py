@@ -244,8 +244,7 @@ class LiveReconstruction(Publishing):
                 try:
                     self._process(items)
                 except Exception as err:  # the analysis never takes the scan down
-                    self.record_error(f"batch of {sum(len(i[0]) for i in items)} frames failed: {err!r}")
-                    logger.error("run %s: traceback of the failed batch", self.metadata.get("raw_uid"), exc_info=True)
+                    self._batch_failed(sum(len(i[0]) for i in items), err)
             if stop is not None:
                 self._conclude(*stop[1:])
                 return
@@ -272,16 +271,43 @@ class LiveReconstruction(Publishing):
         self._dirty.set()
 
     def _process(self, items: list) -> None:
+        # The items' frames count as queued until their micro-batch starts (or they are refused), so
+        # that the publisher sees a backlog also within one large submission.
+        waiting = sum(len(i[0]) for i in items)
+        try:
+            ids = np.concatenate([np.atleast_1d(i[0]) for i in items])
+            frames = np.concatenate([i[1] if i[1].ndim == 3 else i[1][None] for i in items])
+            positions = np.concatenate([np.atleast_2d(i[2]) for i in items])
+            keep = self._accept(ids, frames, positions)
+            ids, frames, positions = ids[keep], frames[keep], positions[keep]
+            self._dequeue(waiting - len(ids))
+            waiting = len(ids)
+            # One submission can hold a whole burst (a detector that flushed late): stitched and
+            # published micro-batch by micro-batch, its first frames reach Tiled without waiting for its last.
+            step = self.options.batch_size
+            for s in range(0, len(ids), step):
+                batch = slice(s, s + step)
+                n = len(ids[batch])
+                self._dequeue(n)
+                waiting -= n
+                try:
+                    self._reconstruct(ids[batch], frames[batch], positions[batch])
+                except Exception as err:  # never takes the scan down: this micro-batch is lost, not the rest
+                    self._batch_failed(n, err)
+        finally:
+            self._dequeue(waiting)
+
+    def _dequeue(self, frames: int) -> None:
         with self._lock:
-            self._queued -= sum(len(i[0]) for i in items)
-        ids = np.concatenate([np.atleast_1d(i[0]) for i in items])
-        frames = np.concatenate([i[1] if i[1].ndim == 3 else i[1][None] for i in items])
-        positions = np.concatenate([np.atleast_2d(i[2]) for i in items])
-        keep = self._accept(ids, frames, positions)
-        if not keep.any():
-            return
+            self._queued -= frames
+
+    def _batch_failed(self, frames: int, err: Exception) -> None:
+        self.record_error(f"batch of {frames} frames failed: {err!r}")
+        logger.error("run %s: traceback of the failed batch", self.metadata.get("raw_uid"), exc_info=True)
+
+    def _reconstruct(self, ids: np.ndarray, measured: Any, positions: np.ndarray) -> None:
+        """Infer, score and stitch accepted frames, then wake the publisher."""
         t0 = time.perf_counter()
-        measured: Any = frames[keep]
         if self.stitcher.device is not None:  # the batch crosses to the device once and stays there
             measured = self.predictor.upload(measured)
             amplitude, phase = self.predictor.predict_counts(measured)
@@ -293,10 +319,10 @@ class LiveReconstruction(Publishing):
             scores = self.consistency.score(amplitude, phase, measured)
         t2 = time.perf_counter()
         with self._lock:
-            self.stitcher.add(amplitude, phase, positions[keep], trust=None if scores is None else scores.error)
+            self.stitcher.add(amplitude, phase, positions, trust=None if scores is None else scores.error)
             self.metadata["frames_done"] = self.stitcher.frames
             if scores is not None:
-                self._record_trust(ids[keep], scores)
+                self._record_trust(ids, scores)
         self.timings["inference_s"] += t1 - t0
         self.timings["consistency_s"] += t2 - t1
         self.timings["stitch_s"] += time.perf_counter() - t2

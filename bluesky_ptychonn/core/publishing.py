@@ -61,7 +61,8 @@ class Publishing:
             finished = self._finished.is_set()
             if finished and give_up_at is None:
                 give_up_at = time.monotonic() + self.options.final_retry_s
-            if self._dirty.is_set() or finished:
+            publishing = self._dirty.is_set() or finished
+            if publishing:
                 self._dirty.clear()
                 if self._publish():
                     delay = self.options.retry_s
@@ -88,9 +89,10 @@ class Publishing:
             # sooner than this one took: publishing (and the Tiled server, often on the same cores)
             # then gets at most half the time, so a slow server cannot starve inference. With the
             # model keeping up, as soon as there is something new: the least frame-to-Tiled latency.
-            took = time.monotonic() - tick
-            backlog = took if self._frames_waiting() else 0.0
-            self._finished.wait(max(self.options.publish_interval_s - took, backlog))
+            if publishing:
+                took = time.monotonic() - tick
+                backlog = took if self._frames_waiting() else 0.0
+                self._finished.wait(max(self.options.publish_interval_s - took, backlog))
             self._dirty.wait()  # a batch, an error, a skip or the run's end (set by _conclude) wakes it
 
     def _frames_waiting(self) -> bool:
