@@ -175,8 +175,14 @@ class LiveReconstruction(Publishing):
         self._queue.put((_STOP, status, extra))
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the final image is published (or given up on); True if it was published."""
-        self._publisher.join(timeout)
+        """Block until the run has ended: image published or given up on; True if it was published.
+
+        Joins both threads: the publisher can give up (a permanent refusal) while the worker is
+        still concluding, and a run is only over, ready for ``write_final``, once both have ended.
+        """
+        give_up_at = None if timeout is None else time.monotonic() + timeout
+        for thread in (self._publisher, self._worker):
+            thread.join(None if give_up_at is None else max(0.0, give_up_at - time.monotonic()))
         return self._published_final.is_set()
 
     def write_final(self, sink: Sink, timeout_s: float | None = None) -> bool:
