@@ -102,6 +102,39 @@ def test_frames_lost_after_the_highest_id_are_missing_and_pending_counts_points(
     assert md["frames_pending"] == 2
 
 
+def test_frames_and_positions_sent_apart_are_matched_and_a_bad_page_spoils_nothing(scan, section, predictor):
+    """Frames in one page, positions one Event at a time; a page of string frames among them is refused alone.
+
+    Was (a first cut of the vectorised matching): pending rows joined with ``np.concatenate``
+    turned the valid frames into strings once a string page came, and all of them were lost.
+    """
+    callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST))
+    n = len(scan.frames)
+    docs = _inline_run(scan.frames, scan.positions_m, section, frame_ids=scan.frame_ids, num_points=n + 2)
+    start, desc, (_, page), stop = docs
+    frames_only = {
+        **page,
+        "data": {k: v for k, v in page["data"].items() if k != "positions_m"},
+        "timestamps": {k: v for k, v in page["timestamps"].items() if k != "positions_m"},
+    }
+    strings = {
+        **page,
+        "uid": ["s1", "s2"],
+        "seq_num": [n + 1, n + 2],
+        "time": [0.0, 0.0],
+        "data": {"diffraction": [np.full(scan.frames[0].shape, "x")] * 2, "frame_id": [n, n + 1]},
+        "timestamps": {"diffraction": [0.0, 0.0], "frame_id": [0.0, 0.0]},
+    }
+    positions = np.concatenate([scan.positions_m, scan.positions_m[:2]])
+    events = [
+        ("event_page", _positions_only(desc[1]["uid"], positions[i : i + 1], seq_start=i + 1)) for i in range(n + 2)
+    ]
+    md = _feed(callback, [start, desc, ("event_page", frames_only), ("event_page", strings), *events, stop])
+    assert md["status"] == "complete" and md["frames_done"] == n and md["frames_dropped"] == 2, md
+    assert md["frames_pending"] == 0 and md["frames_missing"] == 0
+    assert any("dtype <U1" in e for e in md["errors"]), md["errors"]
+
+
 def _positions_only(descriptor_uid, positions, seq_start):
     n = len(positions)
     return {

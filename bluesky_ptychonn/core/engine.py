@@ -20,6 +20,7 @@ The class knows nothing of Bluesky: the callback and replay both feed it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -52,6 +53,27 @@ _STOP = object()
 #: Flagged or skipped frame ids and error messages kept in the metadata (the counts are always complete).
 MAX_FLAGGED_IDS = 100
 MAX_ERRORS = 50
+
+#: Seconds between the worker's hand-backs of free heap pages to the system (see ``_heap_trim``).
+TRIM_INTERVAL_S = 1.0
+
+
+def _heap_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows).
+
+    Frames are read into large arrays on one thread and freed on another. After the first such
+    free, glibc raises its mmap threshold and serves later ones from per-thread arenas whose free
+    pages it keeps: a 30,000-frame scan read from HDF5 grew resident memory ~9 MiB per 1,000
+    frames while the queue drained. ``malloc_trim(0)`` once a second returns those pages (about
+    10 ms a call on the 2-core benchmark machine), and resident memory follows the queue again.
+    """
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_MALLOC_TRIM = _heap_trim()
 
 
 class LiveReconstruction(Publishing):
@@ -244,6 +266,7 @@ class LiveReconstruction(Publishing):
         return items, stop
 
     def _work(self) -> None:
+        trimmed = time.monotonic()
         while True:
             items, stop = self._next_batch()
             if items:
@@ -251,6 +274,9 @@ class LiveReconstruction(Publishing):
                     self._process(items)
                 except Exception as err:  # the analysis never takes the scan down
                     self._batch_failed(sum(len(i[0]) for i in items), err)
+            if _MALLOC_TRIM is not None and (stop is not None or time.monotonic() - trimmed > TRIM_INTERVAL_S):
+                _MALLOC_TRIM(0)
+                trimmed = time.monotonic()
             if stop is not None:
                 self._conclude(*stop[1:])
                 return

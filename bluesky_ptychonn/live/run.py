@@ -8,12 +8,13 @@ every failure in the run's result.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
 import threading
 import time
-from functools import partial
+from functools import partial, reduce
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,6 +43,11 @@ if TYPE_CHECKING:
     from .callback import PtychoNNCallback
 
 logger = logging.getLogger(__name__)
+
+#: Pending rows of one kind are joined into one array up to this many rows, or beyond it once
+#: MAX_CHUNKS arrays wait: few arrays to match, little copying (see ``RunReconstructor._hold``).
+JOIN_ROWS = 256
+MAX_CHUNKS = 8
 
 
 @make_class_safe(logger=logger)
@@ -80,8 +86,9 @@ class RunReconstructor(DocumentRouter):
         roots = DataRoots(self.config.data_roots)
         self._stream_frames = StreamFrames(roots, self.roles)
         self._datum_frames = DatumFrames(roots, self.roles)
-        # Rows that arrived per stream index, until frame, position (and id) are all there.
-        self._pending: dict[str, dict[int, Any]] = {"frames": {}, "positions": {}, "ids": {}}
+        # Rows that arrived, kept as the (stream indices, rows) arrays they came in, until frame,
+        # position (and id) of a point are all there.
+        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"frames": [], "positions": [], "ids": []}
         # StreamDatums that came before their StreamResource, by its uid: read when it comes.
         self._early: dict[str, list[Any]] = {}
         self._frames_on_disk = False
@@ -297,7 +304,7 @@ class RunReconstructor(DocumentRouter):
                 status,
                 exit_status=exit_status,
                 reason=reason,
-                frames_pending=len(set().union(*self._pending.values())),  # points with a part missing
+                frames_pending=len(_pending_points(self._pending)),  # points with a part missing
                 frames_expected=self._expected(doc),
             )
             if self.owner.after_final is not None:
@@ -327,20 +334,64 @@ class RunReconstructor(DocumentRouter):
     # -- frame matching ---------------------------------------------------------------------
 
     def _arrive(self, role: str, index: np.ndarray, rows: np.ndarray) -> None:
-        """Store rows by stream index; submit every index whose frame, position and id are all in."""
-        store = self._pending[role]
-        for i, row in zip(index.tolist(), rows, strict=True):
-            store[i] = row
-        needed = ["frames", "positions"] + (["ids"] if self.config.frame_id_key else [])
-        complete = sorted(set.intersection(*(set(self._pending[r]) for r in needed)))
-        if not complete or self.live is None:
+        """Keep rows by stream index; submit every index whose frame, position and id are all in.
+
+        Rows stay in the arrays they came in (one per document), matched with vectorised set
+        operations, never split per row: the frames of a StreamDatum and the positions of the
+        same points usually meet whole and are submitted as they are, without a copy. Arrays of
+        another dtype or row shape are never joined (see ``_hold``): one malformed document
+        (strings, another shape) is refused on its own and cannot spoil the rows it meets.
+        """
+        index = np.asarray(index)
+        if rows.ndim == 0 or len(rows) != len(index):
+            raise ValueError(f"{len(index)} stream indices for {role} rows of shape {rows.shape}")
+        self._hold(role, index, rows)
+        if self.live is None:
             return
-        frames = np.stack([self._pending["frames"].pop(i) for i in complete])
-        positions = np.stack([self._pending["positions"].pop(i) for i in complete])
-        ids = (
-            np.array([self._pending["ids"].pop(i) for i in complete])
-            if self.config.frame_id_key
-            else np.array(complete)
-        )
-        # Runs on the callback's intake thread: waiting for room holds up only the reading of files.
-        self.live.submit(ids, frames, positions, wait=self._frames_on_disk)
+        needed = ["frames", "positions"] + (["ids"] if self.config.frame_id_key else [])
+        held = [self._pending[r] for r in needed]
+        taken = [[np.zeros(len(i), bool) for i, _ in chunks] for chunks in held]
+        submissions = []
+        for combo in itertools.product(*(range(len(chunks)) for chunks in held)):  # usually one
+            complete = reduce(np.intersect1d, (held[k][j][0] for k, j in enumerate(combo)))  # sorted
+            if not len(complete):
+                continue
+            parts = []
+            for k, j in enumerate(combo):
+                index, rows = held[k][j]
+                order = np.argsort(index, kind="stable")
+                take = order[np.searchsorted(index, complete, sorter=order)]
+                whole = len(take) == len(index) and np.array_equal(take, np.arange(len(take)))
+                parts.append(rows if whole else rows[take])
+                taken[k][j] |= np.isin(index, complete)
+            submissions.append((complete, parts))
+        for k, r in enumerate(needed):
+            self._pending[r] = [(i[~t], x[~t]) for (i, x), t in zip(held[k], taken[k], strict=True) if not t.all()]
+        for complete, (frames, positions, *ids) in submissions:
+            # Runs on the callback's intake thread: waiting for room holds up only the reading of files.
+            self.live.submit(ids[0] if ids else complete, frames, positions, wait=self._frames_on_disk)
+
+    def _hold(self, role: str, index: np.ndarray, rows: np.ndarray) -> None:
+        """Add rows to the pending ones of ``role``, joined to the last array where that cannot change them.
+
+        Only arrays of the same dtype and row shape are joined (no promotion: a string array would
+        turn numbers into strings). Small ones are, so that points sent one Event at a time do not
+        pile up as thousands of arrays; large ones stay as they came unless many are waiting.
+        """
+        chunks = self._pending[role]
+        if chunks:
+            last_index, last = chunks[-1]
+            if (
+                last.dtype == rows.dtype
+                and last.shape[1:] == rows.shape[1:]
+                and (len(last) + len(rows) <= JOIN_ROWS or len(chunks) >= MAX_CHUNKS)
+            ):
+                chunks[-1] = (np.concatenate([last_index, index]), np.concatenate([last, rows]))
+                return
+        chunks.append((index, rows))
+
+
+def _pending_points(pending: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> np.ndarray:
+    """Stream indices with some but not all of their rows in."""
+    indices = [index for chunks in pending.values() for index, _ in chunks]
+    return np.unique(np.concatenate(indices)) if indices else np.empty(0, np.int64)
