@@ -223,6 +223,36 @@ def test_a_burst_is_stitched_and_published_micro_batch_by_micro_batch(scan, pred
     assert sink.frames[-1] == live.metadata["frames_done"] == len(scan.frames)
 
 
+class _SlowSink(_Recording):
+    """A Tiled server on busy cores: each publish takes 0.1 s; notes when, and how many frames were queued after."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.spans = None, []
+
+    def publish(self, image, metadata):
+        start = time.monotonic()
+        time.sleep(0.1)
+        super().publish(image, metadata)
+        self.spans.append((start, time.monotonic(), self.live._queued if self.live else 0))
+
+
+def test_while_the_model_is_behind_publishing_takes_at_most_its_share_of_the_time(scan, predictor):
+    """Was: a publish, then as long a wait: the server took up to half the cores that inference needed."""
+    sink = _SlowSink()
+    slow = _Slow(predictor.model, predictor.info, device="cpu")
+    options = FAST.model_copy(update={"batch_size": 4, "publish_share_behind": 0.25})
+    live = LiveReconstruction(slow, scan.grid, sink, {"raw_uid": "behind"}, options)
+    sink.live = live
+    live.submit(scan.frame_ids, scan.frames, scan.positions_m)  # 9 micro-batches of 0.1 s and more
+    live.finish("complete")
+    assert live.wait(30)
+    # A 0.1 s publish with frames still queued is followed by at least 0.3 s without one (0.25 of the time).
+    gaps = [b[0] - a[1] for a, b in zip(sink.spans[:-2], sink.spans[1:-1], strict=True) if a[2] > 2 * 4]
+    assert gaps and min(gaps) >= 0.25, sink.spans
+    assert sink.frames[-1] == live.metadata["frames_done"] == len(scan.frames)
+
+
 def test_a_failed_micro_batch_of_a_burst_loses_only_itself(scan, predictor):
     flaky = FailingOnce(predictor.model, predictor.info, device="cpu")
     live = LiveReconstruction(

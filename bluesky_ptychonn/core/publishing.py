@@ -85,13 +85,14 @@ class Publishing:
                     time.sleep(delay)
                     delay = min(30.0, delay * 2)
                     continue
-            # Next publish one cadence after this one started. While frames queue for the model, never
-            # sooner than this one took: publishing (and the Tiled server, often on the same cores)
-            # then gets at most half the time, so a slow server cannot starve inference. With the
+            # Next publish one cadence after this one started. While frames queue for the model, spaced
+            # so that publishing (and the Tiled server, often on the same cores) takes at most
+            # publish_share_behind of the time, so a slow server cannot starve inference. With the
             # model keeping up, as soon as there is something new: the least frame-to-Tiled latency.
             if publishing:
                 took = time.monotonic() - tick
-                backlog = took if self._frames_waiting() else 0.0
+                share = self.options.publish_share_behind
+                backlog = took * (1 / share - 1) if self._frames_waiting() else 0.0
                 self._finished.wait(max(self.options.publish_interval_s - took, backlog))
             self._dirty.wait()  # a batch, an error, a skip or the run's end (set by _conclude) wakes it
 
