@@ -360,13 +360,12 @@ class RunReconstructor(DocumentRouter):
             for k, j in enumerate(combo):
                 index, rows = held[k][j]
                 order = np.argsort(index, kind="stable")
-                take = order[np.searchsorted(index, complete, sorter=order)]
-                whole = len(take) == len(index) and np.array_equal(take, np.arange(len(take)))
-                parts.append(rows if whole else rows[take])
+                parts.append(_select(rows, order[np.searchsorted(index, complete, sorter=order)]))
                 taken[k][j] |= np.isin(index, complete)
             submissions.append((complete, parts))
         for k, r in enumerate(needed):
-            self._pending[r] = [(i[~t], x[~t]) for (i, x), t in zip(held[k], taken[k], strict=True) if not t.all()]
+            rest = [(i, x, np.flatnonzero(~t)) for (i, x), t in zip(held[k], taken[k], strict=True)]
+            self._pending[r] = [(_select(i, keep), _select(x, keep)) for i, x, keep in rest if len(keep)]
         for complete, (frames, positions, *ids) in submissions:
             # Runs on the callback's intake thread: waiting for room holds up only the reading of files.
             self.live.submit(ids[0] if ids else complete, frames, positions, wait=self._frames_on_disk)
@@ -389,6 +388,13 @@ class RunReconstructor(DocumentRouter):
                 chunks[-1] = (np.concatenate([last_index, index]), np.concatenate([last, rows]))
                 return
         chunks.append((index, rows))
+
+
+def _select(rows: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """``rows[picks]``, as a view where the picks are one ascending run (rows consumed in order: no copy)."""
+    if len(picks) and picks[-1] - picks[0] + 1 == len(picks) and np.all(np.diff(picks) == 1):
+        return rows[picks[0] : picks[-1] + 1]
+    return rows[picks]
 
 
 def _pending_points(pending: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> np.ndarray:
