@@ -63,7 +63,7 @@ def _heap_trim() -> Callable[[int], int] | None:
 
     Frames are read into large arrays on one thread and freed on another. After the first such
     free, glibc raises its mmap threshold and serves later ones from per-thread arenas whose free
-    pages it keeps: a 30,000-frame scan read from HDF5 grew resident memory ~9 MiB per 1,000
+    pages it keeps: a 30,000-frame scan read from HDF5 grew resident memory 7-8 MiB per 1,000
     frames while the queue drained. ``malloc_trim(0)`` once a second returns those pages (about
     10 ms a call on the 2-core benchmark machine), and resident memory follows the queue again.
     """

@@ -392,7 +392,7 @@ class RunReconstructor(DocumentRouter):
 
 def _select(rows: np.ndarray, picks: np.ndarray) -> np.ndarray:
     """``rows[picks]``, as a view where the picks are one ascending run (rows consumed in order: no copy)."""
-    if len(picks) and picks[-1] - picks[0] + 1 == len(picks) and np.all(np.diff(picks) == 1):
+    if len(picks) and np.all(np.diff(picks) == 1):
         return rows[picks[0] : picks[-1] + 1]
     return rows[picks]
 
