@@ -5,6 +5,9 @@ real RunEngine. Three figures: the detector alone (simulate + HDF5 write, no Run
 plan with no subscriber, and the plan with ``TiledWriter(raw, batch_size=1)`` into an embedded
 Tiled server (frames registered at every flush). Sample generation and server start-up are
 excluded; the one-off cost of storing the sample's ground truth in Tiled is reported apart.
+Then what archiving costs a paced scan (the live benchmark's latency scan: 400 frames at 94
+frames/s, a flush every 0.1 s): this process's CPU time over wall time, in cores, with and without
+TiledWriter (the embedded server's threads are in this process), and the requests it made.
 
     python benchmarks/bench_acquisition.py [--frames 10000] [--out benchmarks/results]
 """
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PACED_SHAPE, PACED_PERIOD_S, PACED_CHUNK = (20, 20), 0.0106, 8  # bench_live's latency scan on this CPU
 
 
 def _machine() -> dict:
@@ -121,6 +125,25 @@ def run(quick: bool = False, frames: int = 10_000, frame_pixels: int = 64) -> di
             if shape != (frames, frame_pixels, frame_pixels):
                 raise RuntimeError(f"Tiled holds {shape} frames, expected {frames}")
             result["tiled_frames_shape"] = list(shape)
+
+            # 4. A paced scan: how many cores archiving takes while the detector runs at a steady rate.
+            for archived in (False, True):
+                stage, detector = devices(archive.data_dir)
+                detector.settings = detector.settings.updated(paced=True, chunk_frames=PACED_CHUNK)
+                run_engine = RunEngine({})
+                requests: list[object] = []
+                if archived:
+                    run_engine.subscribe(TiledWriter(archive.raw, batch_size=1))
+                    archive.client.context.http_client.event_hooks["request"].append(requests.append)
+                wall, cpu = time.perf_counter(), time.process_time()
+                run_engine(
+                    ptycho_fly_scan(
+                        detector, stage, step_m=step_m, shape=PACED_SHAPE, exposure_s=PACED_PERIOD_S, flush_period_s=0.1
+                    )
+                )
+                cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
+                result["paced_cores_with_tiledwriter" if archived else "paced_cores_without_tiledwriter"] = cores
+            result["paced_tiled_requests"] = len(requests)
         finally:
             archive.close()
     result["machine"] = _machine()
@@ -128,7 +151,9 @@ def run(quick: bool = False, frames: int = 10_000, frame_pixels: int = 64) -> di
         f"   {result['machine']['cpu']} ({result['machine']['cpu_count']} cores): {frames} frames of "
         f"{frame_pixels}x{frame_pixels}: detector alone {result['detector_only_fps']:.0f} frames/s, "
         f"fly scan without TiledWriter {result['without_tiledwriter_fps']:.0f} frames/s, "
-        f"with TiledWriter {result['with_tiledwriter_fps']:.0f} frames/s"
+        f"with TiledWriter {result['with_tiledwriter_fps']:.0f} frames/s; paced at {1 / PACED_PERIOD_S:.0f} frames/s, "
+        f"this process used {result['paced_cores_without_tiledwriter']:.2f} cores, "
+        f"{result['paced_cores_with_tiledwriter']:.2f} with TiledWriter ({result['paced_tiled_requests']} requests)"
     )
     return result
 
