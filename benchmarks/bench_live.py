@@ -5,7 +5,8 @@ embedded Tiled server, with TiledWriter and the PtychoNN callback subscribed. En
 throughput is frames / (first frame reaching the callback -> final image written in Tiled);
 model-only throughput is the same model on the same frames, already preprocessed and in memory,
 at the same batch size. Latency is measured in a second scan whose detector is paced at half the
-end-to-end rate (a detector faster than the whole pipeline only measures its backlog): from a frame
+end-to-end rate (a detector faster than the whole pipeline only measures its backlog), and as long
+as the first (a 400-frame scan of 4 s measured the start-up, not the steady state): from a frame
 reaching the callback (its StreamDatum, once the detector has flushed it) to the first snapshot
 in Tiled that includes it. On a CPU machine the simulated detector, TiledWriter and the Tiled
 server share the cores with inference, which caps the end-to-end ratio.
@@ -93,7 +94,9 @@ def run(quick: bool = False) -> dict:
                 detector.settings = detector.settings.updated(paced=True, chunk_frames=8)
                 period = 2.0 / e2e
                 (uid,) = run_engine(
-                    ptycho_fly_scan(detector, stage, step_m=step, shape=(20, 20), exposure_s=period, flush_period_s=0.1)
+                    ptycho_fly_scan(
+                        detector, stage, step_m=step, shape=(rows, rows), exposure_s=period, flush_period_s=0.1
+                    )
                 )
                 callback.wait(uid, 1800)
                 paced = callback.runs[uid].live

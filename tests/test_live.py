@@ -224,17 +224,18 @@ def test_a_burst_is_stitched_and_published_micro_batch_by_micro_batch(scan, pred
 
 
 class _SlowSink(_Recording):
-    """A Tiled server on busy cores: each publish takes 0.1 s; notes when, and how many frames were queued after."""
+    """A Tiled server on busy cores: each publish takes 0.1 s; notes when, and how many frames were queued
+    as it began and after."""
 
     def __init__(self):
         super().__init__()
         self.live, self.spans = None, []
 
     def publish(self, image, metadata):
-        start = time.monotonic()
+        start, before = time.monotonic(), self.live._queued if self.live else 0
         time.sleep(0.1)
         super().publish(image, metadata)
-        self.spans.append((start, time.monotonic(), self.live._queued if self.live else 0))
+        self.spans.append((start, time.monotonic(), self.live._queued if self.live else 0, before))
 
 
 def test_while_the_model_is_behind_publishing_takes_at_most_its_share_of_the_time(scan, predictor):
@@ -247,10 +248,31 @@ def test_while_the_model_is_behind_publishing_takes_at_most_its_share_of_the_tim
     live.submit(scan.frame_ids, scan.frames, scan.positions_m)  # 9 micro-batches of 0.1 s and more
     live.finish("complete")
     assert live.wait(30)
-    # A 0.1 s publish with frames still queued is followed by at least 0.3 s without one (0.25 of the time).
-    gaps = [b[0] - a[1] for a, b in zip(sink.spans[:-2], sink.spans[1:-1], strict=True) if a[2] > 2 * 4]
+    # A 0.1 s publish with frames still queued, before and after it, is followed by at least 0.3 s
+    # without one (0.25 of the time); the next comes sooner only once the model has caught up.
+    gaps = [b[0] - a[1] for a, b in zip(sink.spans[:-2], sink.spans[1:-1], strict=True) if a[2] > 4 and b[3] > 4]
     assert gaps and min(gaps) >= 0.25, sink.spans
     assert sink.frames[-1] == live.metadata["frames_done"] == len(scan.frames)
+
+
+def test_once_the_model_has_caught_up_the_image_updates_at_the_cadence_again(scan, predictor):
+    """Was: a publish that found frames queued held the next one back for ten times its length, however
+    soon the queue drained: on a paced scan the image stood still for seconds at a time."""
+    sink = _SlowSink()
+    slow = _Slow(predictor.model, predictor.info, device="cpu")
+    options = FAST.model_copy(update={"batch_size": 4, "publish_share_behind": 0.01})  # held back 10 s
+    live = LiveReconstruction(slow, scan.grid, sink, {"raw_uid": "caught-up"}, options)
+    sink.live = live
+    live.submit(scan.frame_ids[:16], scan.frames[:16], scan.positions_m[:16])  # a burst: 0.4 s of work
+    for start in range(16, len(scan.frame_ids), 4):  # then a pace the model keeps up with
+        time.sleep(0.3)
+        live.submit(*(a[start : start + 4] for a in (scan.frame_ids, scan.frames, scan.positions_m)))
+    time.sleep(0.6)
+    during = list(sink.frames)
+    live.finish("complete")
+    assert live.wait(30)
+    assert sink.spans[0][2] > 4, "the first publish did not find the model behind: the test proves nothing"
+    assert max(during) > 16, sink.spans
 
 
 def test_a_failed_micro_batch_of_a_burst_loses_only_itself(scan, predictor):

@@ -25,8 +25,8 @@ class LiveOptions(Frozen):
         description=(
             "While frames queue for the model, the most of the wall time that publishing may take: the Tiled "
             "server often shares the cores with inference. On the 2-core benchmark machine 0.5 (a publish, then "
-            "as long a wait) held live throughput to 0.43-0.64 of model-only, 0.1 gave 0.73-0.86; the image then "
-            "updates every ~10 publish durations until the model has caught up."
+            "as long a wait) held live throughput to 0.43-0.64 of model-only, 0.1 gave 0.73-0.86. Only while the "
+            "queue lasts: once the model has caught up, the cadence resumes."
         ),
     )
     retry_s: float = Field(1.0, gt=0, description="First delay after a failed publish; doubles up to 30 s.")
