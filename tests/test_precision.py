@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bluesky_ptychonn.core.base_model import base_model_path
+from bluesky_ptychonn.core.checkpoint import load_model
 from bluesky_ptychonn.core.config import DetectorGeometry, PreprocessRecipe
 from bluesky_ptychonn.core.engine import LiveOptions, LiveReconstruction
 from bluesky_ptychonn.core.geometry import ObjectGrid
@@ -55,6 +56,20 @@ def test_bf16_on_the_cpu_stays_within_tolerance_of_float32(scan, reference):
     predictor = Predictor.from_checkpoint(base_model_path(), device="cpu", precision="bfloat16")
     assert predictor.bf16
     _within_tolerance(reconstruct(predictor, scan.frames, scan.positions_m, grid=reference.grid), reference)
+
+
+def test_batch_norm_folded_into_the_convolutions_changes_the_output_by_float32_rounding_only(scan):
+    # The shipped base model has BatchNorm; the predictor runs a copy with it folded (5e-6 measured).
+    model, info = load_model(base_model_path(), "cpu")
+    predictor = Predictor(model, info, device="cpu", precision="float32")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model passed in is kept
+    x = preprocess(scan.frames, info.recipe)
+    folded = predictor.predict_preprocessed(x)
+    with torch.inference_mode():
+        unfolded = model.eval()(torch.from_numpy(x)[:, None])
+    for ours, theirs in zip(folded, unfolded, strict=True):
+        assert np.abs(ours - theirs[:, 0].numpy()).max() < 1e-4
 
 
 def test_precision_is_named_or_refused():

@@ -20,7 +20,6 @@ The class knows nothing of Bluesky: the callback and replay both feed it.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import queue
 import threading
@@ -33,6 +32,7 @@ import numpy as np
 from ..errors import PositionError
 from .consistency import FrameConsistency, live_trust
 from .geometry import ObjectGrid
+from .host_runtime import heap_trim, release_openmp_team
 from .live_options import LiveOptions
 from .preprocess import bad_frames, malformed_submission
 from .publishing import Publishing
@@ -54,26 +54,10 @@ _STOP = object()
 MAX_FLAGGED_IDS = 100
 MAX_ERRORS = 50
 
-#: Seconds between the worker's hand-backs of free heap pages to the system (see ``_heap_trim``).
+#: Seconds between the worker's hand-backs of free heap pages to the system (see ``heap_trim``).
 TRIM_INTERVAL_S = 1.0
 
-
-def _heap_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows).
-
-    Frames are read into large arrays on one thread and freed on another. After the first such
-    free, glibc raises its mmap threshold and serves later ones from per-thread arenas whose free
-    pages it keeps: a 30,000-frame scan read from HDF5 grew resident memory 7-8 MiB per 1,000
-    frames while the queue drained. ``malloc_trim(0)`` once a second returns those pages (about
-    10 ms a call on the 2-core benchmark machine), and resident memory follows the queue again.
-    """
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
-_MALLOC_TRIM = _heap_trim()
+_MALLOC_TRIM = heap_trim()
 
 
 class LiveReconstruction(Publishing):
@@ -140,6 +124,7 @@ class LiveReconstruction(Publishing):
         self._permanent: str | None = None  # why publishing can never succeed, if it cannot
         self._worker = threading.Thread(target=self._work, name="ptychonn-inference", daemon=True)
         self._publisher = threading.Thread(target=self._publish_loop, name="ptychonn-publish", daemon=True)
+        release_openmp_team()  # the model runs on the worker now: this thread's idle team would slow it down
         self._worker.start()
         self._publisher.start()
 

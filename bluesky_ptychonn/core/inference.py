@@ -12,7 +12,8 @@ import torch
 
 from .checkpoint import CheckpointInfo, load_model
 from .device import choose_device
-from .network import PtychoNN
+from .host_runtime import release_openmp_team
+from .network import PtychoNN, fold_batch_norm
 from .preprocess import preprocess
 from .tensor_preprocess import preprocess_tensor
 
@@ -46,6 +47,9 @@ class Predictor:
     -----
     Weights and inputs are channels-last in every precision: on a 2-core AVX2 CPU it ran the
     paper network 1.65x and the small one 1.4x faster at batch 16 (oneDNN's NHWC convolutions).
+    ``model`` (the attribute) is the network as it runs: a copy with its BatchNorm layers folded
+    into the convolutions (:func:`~bluesky_ptychonn.core.network.fold_batch_norm`); the model
+    passed in is not changed.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class Predictor:
         self.precision = resolve_precision(precision, self.device)
         self.model = self._placed(model)
         self._graph: Any = torch.compile(self.model, dynamic=False) if compile and self.device.type == "cuda" else None
+        release_openmp_team()  # the model usually runs on another thread (the live engine's worker) from here
 
     @classmethod
     def from_checkpoint(
@@ -103,7 +108,7 @@ class Predictor:
         return self.precision == "bfloat16"
 
     def _placed(self, model: PtychoNN) -> PtychoNN:
-        return model.to(self.device).eval().to(memory_format=torch.channels_last)
+        return fold_batch_norm(model.to(self.device).eval()).to(memory_format=torch.channels_last)
 
     def upload(self, frames: np.ndarray) -> torch.Tensor:
         """Raw frames (N, rows, cols) as float32 tensors on the inference device.

@@ -165,16 +165,25 @@ class PatchStitcher:
         """The current image, or its block (y0, y1, x0, x1); pixels no patch has reached are 0 in all three arrays."""
         y0, y1, x0, x1 = block or (0, self.grid.shape[0], 0, self.grid.shape[1])
         box = (slice(y0, y1), slice(x0, x1))
-        xp: Any = np if self.device is None else _torch()
-        weight = self._weight[box]
+        # On the CPU the sums are read through numpy views: a torch op here would give the
+        # publisher's thread an OpenMP team of its own, which slows the inference thread's (see
+        # host_runtime.release_openmp_team).
+        on_host = self.device is None or _torch().device(self.device).type == "cpu"
+        xp: Any = np if on_host else _torch()
+
+        def block_of(sums: Any) -> Any:
+            return sums[box].numpy() if on_host and not isinstance(sums, np.ndarray) else sums[box]
+
+        weight = block_of(self._weight)
         covered = weight > 0
         safe = xp.where(covered, weight, 1.0)
-        amplitude = xp.where(covered, self._amp[box] / safe, 0.0)
-        phase = xp.where(covered, xp.angle(self._phasor[box]), 0.0)
+        amplitude = xp.where(covered, block_of(self._amp) / safe, 0.0)
+        phase = xp.where(covered, xp.angle(block_of(self._phasor)), 0.0)
         trust = None
         if self._trust is not None:
-            reached = self._trust_weight[box] >= TRUST_MIN_FOOTPRINT
-            trust = _host(xp.where(reached, self._trust[box] / xp.where(reached, self._trust_weight[box], 1.0), np.nan))
+            footprint = block_of(self._trust_weight)
+            reached = footprint >= TRUST_MIN_FOOTPRINT
+            trust = _host(xp.where(reached, block_of(self._trust) / xp.where(reached, footprint, 1.0), np.nan))
         return StitchedImage(
             amplitude=_host(amplitude),
             phase=_host(phase),

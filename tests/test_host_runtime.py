@@ -1,0 +1,110 @@
+"""OpenMP thread teams: the live engine's inference thread is the only one with a team while it runs.
+
+libgomp slows every team's workers once all of them together outnumber the CPUs
+(:func:`~bluesky_ptychonn.core.host_runtime.release_openmp_team`). Each check runs in a fresh
+interpreter, so the count of its threads is the engine's alone.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+
+PRELUDE = """
+import os, time
+import torch
+from bluesky_ptychonn.core.host_runtime import _loaded_libgomp, release_openmp_team
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+def settled(expected):  # a released worker leaves within moments
+    deadline = time.monotonic() + 10
+    while threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return threads()
+
+torch.set_num_threads(2)
+torch.ones(4_000_000).add_(1)  # a parallel region on this thread: it has a team now
+if _loaded_libgomp() is None:
+    print("no libgomp")
+    raise SystemExit(0)
+"""
+
+
+def _run(body: str) -> str:
+    script = textwrap.dedent(PRELUDE) + textwrap.dedent(body)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    if done.stdout.strip() == "no libgomp":
+        pytest.skip("torch here does not run on libgomp")
+    return done.stdout
+
+
+def test_releasing_a_threads_team_lets_its_idle_workers_exit():
+    out = _run(
+        """
+        before = threads()
+        assert release_openmp_team()
+        print(before - settled(before - 1))
+        """
+    )
+    assert out.split() == ["1"]  # two torch threads: the caller and one worker, which left
+
+
+def test_a_thread_that_loads_a_model_keeps_no_idle_workers():
+    out = _run(
+        """
+        from bluesky_ptychonn.core.base_model import base_model_path
+        from bluesky_ptychonn.core.inference import Predictor
+
+        before = threads()
+        Predictor.from_checkpoint(base_model_path(), device="cpu")
+        print(before - settled(before - 1))
+        """
+    )
+    assert out.split() == ["1"]  # the live engine infers on its own thread: this one's team would slow it
+
+
+def test_while_a_live_reconstruction_runs_only_its_inference_thread_has_a_team():
+    out = _run(
+        """
+        import threading
+        from bluesky_ptychonn.core.base_model import base_model_path
+        from bluesky_ptychonn.core.engine import LiveOptions, LiveReconstruction
+        from bluesky_ptychonn.core.geometry import ObjectGrid
+        from bluesky_ptychonn.core.inference import Predictor
+        from bluesky_ptychonn.sim.physics import simulate_scan
+
+        predictor = Predictor.from_checkpoint(base_model_path(), device="cpu", precision="float32")
+        scan = simulate_scan(scan_shape=(16, 16))
+        grid = ObjectGrid.covering(
+            scan.positions_m, predictor.info.recipe.pixel_size_m(scan.geometry), predictor.patch_pixels
+        )
+
+        class Counting:  # a sink that counts the process's threads at each publish
+            def __init__(self):
+                self.counts = []
+
+            def publish(self, image, metadata):
+                self.counts.append(threads())
+
+        sink = Counting()
+        predictor.predict(scan.frames[:64])  # this thread's team is there
+        before = threads()
+        live = LiveReconstruction(predictor, grid, sink, {"raw_uid": "teams"}, LiveOptions(publish_interval_s=0.05))
+        live.submit(scan.frame_ids, scan.frames, scan.positions_m)
+        live.finish()
+        live.wait()
+        print(before, max(sink.counts))
+        """
+    )
+    before, during = map(int, out.split())
+    # +2 for the worker and the publisher; the worker's team (+1) replaces the caller's (-1), and
+    # the publisher, which snapshots CPU sums through numpy, starts none.
+    assert during == before + 2, (before, during)
