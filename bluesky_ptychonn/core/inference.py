@@ -49,7 +49,7 @@ class Predictor:
     paper network 1.65x and the small one 1.4x faster at batch 16 (oneDNN's NHWC convolutions).
     ``model`` (the attribute) is the network as it runs: a copy with its BatchNorm layers folded
     into the convolutions (:func:`~bluesky_ptychonn.core.network.fold_batch_norm`); the model
-    passed in is not changed.
+    passed in keeps its layers (it is put in eval mode on the device, as before).
     """
 
     def __init__(
