@@ -1,15 +1,16 @@
 """End-to-end live throughput against model-only throughput, and frame-to-Tiled latency.
 
-A real RunEngine flies the simulated detector (64x64 frames, as fast as it can) into an
-embedded Tiled server, with TiledWriter and the PtychoNN callback subscribed. End-to-end
-throughput is frames / (first frame reaching the callback -> final image written in Tiled);
-model-only throughput is the same model on the same frames, already preprocessed and in memory,
-at the same batch size. Latency is measured in a second scan whose detector is paced at half the
-end-to-end rate (a detector faster than the whole pipeline only measures its backlog), and as long
-as the first (a 400-frame scan of 4 s measured the start-up, not the steady state): from a frame
-reaching the callback (its StreamDatum, once the detector has flushed it) to the first snapshot
-in Tiled that includes it. On a CPU machine the simulated detector, TiledWriter and the Tiled
-server share the cores with inference, which caps the end-to-end ratio.
+A real RunEngine flies the simulated detector (64x64 frames, as fast as it can) into an embedded
+Tiled server, with TiledWriter and the PtychoNN callback subscribed. End-to-end throughput is
+frames / (first frame reaching the callback -> final image written in Tiled); model-only
+throughput is the same model on the same frames, already preprocessed and in memory, at the same
+batch size (the best of three passes). Latency is measured in a second scan whose detector is
+paced at half the end-to-end rate (a detector faster than the whole pipeline only measures its
+backlog), and as long as the first (a 400-frame scan of 4 s measured the start-up, not the
+steady state): from a frame reaching the callback (its StreamDatum, once the detector has
+flushed it) to the first snapshot in Tiled that includes it. On a CPU machine the simulated
+detector, TiledWriter and the Tiled server share the cores with inference, which caps the
+end-to-end ratio.
 """
 
 from __future__ import annotations
@@ -84,10 +85,7 @@ def run(quick: bool = False) -> dict:
                 e2e = frames / (final - live.metadata["first_frame"])
 
                 x = preprocess(live_frames(detector.path), predictor.info.recipe)
-                predictor.predict_preprocessed(x[:batch])  # warm-up
-                t0 = time.perf_counter()
-                predictor.predict_preprocessed(x)
-                model_only = len(x) / (time.perf_counter() - t0)
+                model_only = model_only_rate(predictor, x)
                 lat = _latencies(live)
                 # Latency: a paced scan at half the end-to-end rate just measured (a detector faster
                 # than the whole pipeline only measures the backlog it builds).
@@ -135,6 +133,21 @@ def run(quick: bool = False) -> dict:
             "the mean time of one publish (six Tiled requests) during the paced scan"
         ),
     }
+
+
+def model_only_rate(predictor, x: np.ndarray, rounds: int = 3) -> float:
+    """Frames/s of the predictor alone on preprocessed frames in memory: the best of ``rounds`` passes.
+
+    One pass swung from 348 to 528 frames/s between runs on the 2-core VM; the best of three is
+    the steadier reference for an end-to-end ratio (and the harder one to reach).
+    """
+    predictor.predict_preprocessed(x[:64])  # warm-up
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        predictor.predict_preprocessed(x)
+        best = max(best, len(x) / (time.perf_counter() - t0))
+    return best
 
 
 def live_frames(path) -> np.ndarray:
