@@ -86,12 +86,15 @@ def child_container(
     Raises :class:`TiledKeyError` unless ``key`` is a single key (see :func:`tiled_key`).
     """
     tiled_key(key)
-    if key not in parent:
-        try:
-            parent.create_container(key, metadata=metadata or {}, specs=specs or [])
-        except Exception:
-            if key not in parent:
-                raise
+    try:  # one round trip where the key exists, as it usually does
+        return parent[key]
+    except KeyError:
+        pass
+    try:
+        parent.create_container(key, metadata=metadata or {}, specs=specs or [])
+    except Exception:
+        if key not in parent:
+            raise
     # Looked up rather than the node create_container returns: the lookup gives the client class
     # of the node's specs (a CatalogOfBlueskyRuns for ``raw``) and its canonical URI.
     return parent[key]

@@ -84,14 +84,19 @@ class TiledSink:
         if self._node is not None:
             return self._node
         run = run_results(self.client, self.raw_uid)
-        if self.name in run and self.replace and dict(run[self.name].metadata).get("grid") != metadata.get("grid"):
-            run[self.name].delete(recursive=True, external_only=False)
-        if self.name in run:
+        try:
             node = run[self.name]
+        except KeyError:
+            node = None
+        if node is not None and self.replace and dict(node.metadata).get("grid") != metadata.get("grid"):
+            node.delete(recursive=True, external_only=False)
+            node = None
+        if node is not None:
             self._seq = int(node.metadata.get("publish_seq") or 0)
         else:
             # Created as running: readers go by status, and the arrays are not there yet.
             node = run.create_container(self.name, metadata={**metadata, "status": "running"})
+            self._arrays = {}  # a new container has none: no need to ask for each
         self._node = node
         return node
 
