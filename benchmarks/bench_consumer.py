@@ -22,7 +22,6 @@ import os
 import pickle
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from machine import describe, device_name
+from machine import describe, device_name, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -51,12 +50,6 @@ batch_size = {batch}
 max_wait_s = 0.2
 publish_interval_s = 0.5
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _memory_mib(pid: int) -> dict[str, float]:
@@ -155,7 +148,7 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         archive = start_embedded_server(tmp / "data", directory=tmp / "tiled")
-        zmq_in, zmq_out = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+        zmq_in, zmq_out = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
         proxy_script = Path(sys.executable).with_name("bluesky-0MQ-proxy")
         proxy = subprocess.Popen(
             [str(proxy_script) if proxy_script.exists() else shutil.which("bluesky-0MQ-proxy"),

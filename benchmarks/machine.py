@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 
 
 def describe(device: str = "cpu") -> dict:
@@ -32,3 +33,10 @@ def describe(device: str = "cpu") -> dict:
 def device_name(info: dict) -> str:
     """A one-line name of the device that ran the work."""
     return info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads)"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

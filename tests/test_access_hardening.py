@@ -64,6 +64,21 @@ def test_serve_takes_its_api_key_from_the_environment_or_a_file_never_argv(tmp_p
     assert server.api_key not in repr(archive) and "127.0.0.1" in repr(archive)
 
 
+def test_tiled_output_sent_to_a_log_file_has_the_key_masked(tmp_path):
+    """FacilityServer(log=...) keeps tiled's line per request out of the terminal, and the key out of the file."""
+    from bluesky_ptychonn.archive.servers import _forward_masked
+
+    child = subprocess.Popen(  # prints a line as tiled's does, the key read from its environment (never argv)
+        [sys.executable, "-c", "import os; print('GET /api/v1?api_key=' + os.environ['K'])"],
+        env={**os.environ, "K": KEY},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    log = tmp_path / "tiled.log"
+    _forward_masked(child, KEY, log.open("a"))
+    assert child.wait(30) == 0 and log.read_text() == "GET /api/v1?api_key=<api-key>\n"
+
+
 # -- 2. SIGTERM on serve takes its tiled child with it --------------------------------------------
 
 

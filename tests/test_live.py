@@ -306,6 +306,44 @@ def test_a_result_is_prepared_in_ten_round_trips_and_a_restarted_sink_keeps_its_
     assert not [r for r in requests if r.startswith("POST")], requests  # the four arrays found, none made again
 
 
+def test_the_arrays_of_a_publish_are_patched_side_by_side_and_a_failed_one_fails_the_publish(server, scan, monkeypatch):
+    """Was: one patch after another, each a round trip of 70-150 ms on a busy 2-core server."""
+    from tiled.client.array import ArrayClient
+
+    from bluesky_ptychonn.core.stitching import StitchedImage
+    from bluesky_ptychonn.live.sink import read_image
+
+    client = from_uri(server.uri)
+    sink = TiledSink(client, "run-side-by-side")
+    shape = scan.grid.shape
+
+    def publish(k):
+        image = np.full(shape, float(k), np.float32)
+        sink.publish(StitchedImage(image, image, image, scan.grid, k, trust=image), {"frames_done": k})
+
+    publish(1)
+    together = threading.Barrier(4, timeout=10)  # broken (and the publish fails) unless all four are in flight at once
+    patch = ArrayClient.patch
+
+    def patch_together(self, *args, **kwargs):
+        together.wait()
+        if self.item["id"] == "weight" and failing:
+            raise ConnectionError("injected: the weight's patch is lost")
+        return patch(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArrayClient, "patch", patch_together)
+    failing = True
+    with pytest.raises(ConnectionError):
+        publish(2)
+    node = client["processed"]["run-side-by-side"]["ptychonn"]
+    assert node.metadata["publish_seq"] % 2 == 1  # readers wait: the arrays hold two publishes
+    together.reset()
+    failing = False
+    publish(3)
+    arrays, md = read_image(node)
+    assert {float(v) for a in arrays.values() for v in (a.min(), a.max())} == {3.0} and md["frames_done"] == 3
+
+
 def test_the_first_image_goes_out_once_stitched_not_a_cadence_after_the_result_was_prepared(scan, predictor):
     """Was: a publisher pass with nothing new still waited a whole cadence, so the first image came a cadence late."""
     sink = _Recording()

@@ -460,20 +460,23 @@ def test_a_reader_never_sees_a_torn_image_while_a_consumer_publishes(tiled_serve
         sink.publish(StitchedImage(image, image, image, grid, k), {"status": "running", "frames_done": k})
 
     publish(1)
-    half_way, resume = threading.Event(), threading.Event()
+    amplitude_in, half_way, resume = threading.Event(), threading.Event(), threading.Event()
     patch = ArrayClient.patch
 
-    def paused_patch(self, *args, **kwargs):  # fault injection: the publisher stalls between two arrays
+    def paused_patch(self, *args, **kwargs):  # fault injection: the phase's patch stalls, the amplitude's goes in
         if self.item["id"] == "phase":
             half_way.set()
             resume.wait(30)
-        return patch(self, *args, **kwargs)
+        done = patch(self, *args, **kwargs)
+        if self.item["id"] == "amplitude":
+            amplitude_in.set()
+        return done
 
     monkeypatch.setattr(ArrayClient, "patch", paused_patch)
     writer = threading.Thread(target=publish, args=(2,))
     writer.start()
     try:
-        assert half_way.wait(30)
+        assert half_way.wait(30) and amplitude_in.wait(30)
         node = tiled_server.client["processed"][uid]["ptychonn"]
         torn = {key: float(node[key].read().max()) for key in ("amplitude", "phase")}
         assert torn == {"amplitude": 2.0, "phase": 1.0}  # what a plain read gets in the middle of a publish

@@ -23,7 +23,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from ..errors import ConfigurationError
 from ..sim.sample import SampleRegistry
@@ -175,6 +175,8 @@ class FacilityServer:
         Bind address; loopback by default.
     public : bool
         Allow anonymous reads (writes still need the key).
+    log : Path, optional
+        Append tiled's output (a line per request, the key masked) to this file instead of stderr.
     """
 
     directory: Path
@@ -185,6 +187,7 @@ class FacilityServer:
     host: str = "127.0.0.1"
     port: int = 8000
     public: bool = False
+    log: Path | None = None
     process: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
@@ -250,7 +253,8 @@ class FacilityServer:
         process = self.process = subprocess.Popen(
             self.command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        threading.Thread(target=_forward_masked, args=(process, self.api_key), daemon=True).start()
+        out = Path(self.log).open("a") if self.log else sys.stderr
+        threading.Thread(target=_forward_masked, args=(process, self.api_key, out), daemon=True).start()
         deadline = time.monotonic() + timeout_s
         health = self.uri.removesuffix("/api/v1") + "/healthz"
         with httpx.Client(trust_env=False) as http:
@@ -321,11 +325,13 @@ class FacilityServer:
         self.stop()
 
 
-def _forward_masked(process: subprocess.Popen, secret: str) -> None:
-    """Copy the child's output to our stderr, line by line, with the API key replaced."""
+def _forward_masked(process: subprocess.Popen, secret: str, out: TextIO) -> None:
+    """Copy the child's output to ``out`` line by line, the API key masked; closes ``out`` (unless stderr)."""
     for line in process.stdout or ():
-        sys.stderr.write(line.replace(secret, "<api-key>"))
-    sys.stderr.flush()
+        out.write(line.replace(secret, "<api-key>"))
+    out.flush()
+    if out is not sys.stderr:
+        out.close()
 
 
 def tiled_run_uri(client: Container, uid: str) -> str:

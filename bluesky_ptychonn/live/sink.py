@@ -15,6 +15,8 @@ phase of another.
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,24 @@ from ..tiled_paths import PTYCHONN, processed_path, run_results
 logger = logging.getLogger(__name__)
 
 ARRAYS = ("amplitude", "phase", "weight")
+
+_patcher: ThreadPoolExecutor | None = None
+_patcher_lock = threading.Lock()
+
+
+def _patch_pool() -> ThreadPoolExecutor:
+    """Threads that send one publish's array patches side by side (shared by all sinks of the process).
+
+    Sent one after another, the three or four patches of a publish were each a round trip of
+    70-150 ms on a busy 2-core server; sent together they overlap its waits on SQLite and disk
+    (a publish 0.8 -> 0.55 s, measured; ``README.md``). The Tiled client is made for concurrent
+    requests (its HTTP client is thread-safe; it bounds concurrent requests itself).
+    """
+    global _patcher
+    with _patcher_lock:
+        if _patcher is None:
+            _patcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ptychonn-patch")
+        return _patcher
 
 
 def _new_array(node: Any, key: str, shape: tuple[int, ...]) -> Any:
@@ -144,9 +164,18 @@ class TiledSink:
             if image.weight.size:
                 self._seq += 1 + self._seq % 2  # odd: readers of the arrays wait or retry
                 node.update_metadata({"publish_seq": self._seq}, drop_revision=True)
-                for key in keys:
-                    data = np.ascontiguousarray(getattr(image, key), dtype=np.float32)
-                    arrays[key].patch(data, offset=image.offset)
+                sent = [
+                    _patch_pool().submit(
+                        arrays[key].patch,
+                        np.ascontiguousarray(getattr(image, key), dtype=np.float32),
+                        offset=image.offset,
+                    )
+                    for key in keys
+                ]
+                # Every patch has ended (none still in flight into the next publish) before one failure is raised.
+                errors = [err for err in (future.exception() for future in sent) if err is not None]
+                if errors:
+                    raise errors[0]
                 self._seq += 1
             # Progress, not history: without drop_revision every publish kept two revision rows of
             # the whole metadata in the catalog (and cost the server two more queries each).
