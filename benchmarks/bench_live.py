@@ -8,9 +8,10 @@ batch size (the best of three passes). Latency is measured in a second scan whos
 paced at half the end-to-end rate (a detector faster than the whole pipeline only measures its
 backlog), and as long as the first (a 400-frame scan of 4 s measured the start-up, not the
 steady state): from a frame reaching the callback (its StreamDatum, once the detector has
-flushed it) to the first snapshot in Tiled that includes it. On a CPU machine the simulated
-detector, TiledWriter and the Tiled server share the cores with inference, which caps the
-end-to-end ratio.
+flushed it) to the first snapshot in Tiled that includes it; into the embedded server and again
+into ``tiled serve catalog`` in its own process, as a facility runs it. On a CPU machine the
+simulated detector, TiledWriter and the Tiled server share the cores with inference, which caps
+the end-to-end ratio.
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ def run(quick: bool = False) -> dict:
         "results": results,
         "note": (
             "latency excludes the detector's flush period before its StreamDatum is emitted; publish_mean_s: "
-            "the mean time of one publish (six Tiled requests, the four arrays' patches sent together) during "
-            "the paced scan; tiled_apart_*: the same paced scan into `tiled serve catalog` in its own process"
+            "the mean time of one publish (six Tiled requests) during the paced scan; tiled_apart_*: the same "
+            "paced scan into `tiled serve catalog` in its own process, to which the four arrays' patches go together"
         ),
     }
 

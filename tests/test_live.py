@@ -307,14 +307,22 @@ def test_a_result_is_prepared_in_ten_round_trips_and_a_restarted_sink_keeps_its_
 
 
 def test_the_arrays_of_a_publish_are_patched_side_by_side_and_a_failed_one_fails_the_publish(server, scan, monkeypatch):
-    """Was: one patch after another, each a round trip of 70-150 ms on a busy 2-core server."""
+    """Was: one patch after another, each a round trip of 70-150 ms on a busy 2-core server.
+
+    Still so, by default, to a server in this process (the embedded one), whose requests would hold
+    the inference thread off Python's lock.
+    """
     from tiled.client.array import ArrayClient
 
+    import bluesky_ptychonn.live.sink as sinks
     from bluesky_ptychonn.core.stitching import StitchedImage
     from bluesky_ptychonn.live.sink import read_image
 
     client = from_uri(server.uri)
+    assert not TiledSink(client, "run-side-by-side").side_by_side  # the session's server runs in this process
+    monkeypatch.setattr(sinks, "IN_PROCESS_SERVERS", set())  # as if it ran on its own
     sink = TiledSink(client, "run-side-by-side")
+    assert sink.side_by_side
     shape = scan.grid.shape
 
     def publish(k):

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from ..errors import ConfigurationError
+from ..live.sink import IN_PROCESS_SERVERS
 from ..sim.sample import SampleRegistry
 from ..tiled_paths import RAW, child_container
 from .truth import SimulationTruthWriter
@@ -52,6 +53,7 @@ class EmbeddedArchive(NamedTuple):
 
     def close(self) -> None:
         """Stop the server (its directory stays when one was given)."""
+        IN_PROCESS_SERVERS.discard(urllib.parse.urlsplit(self.server.uri).netloc)
         self.server.close()
 
     def __repr__(self) -> str:
@@ -81,10 +83,13 @@ def start_embedded_server(
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     server = SimpleTiledServer(directory=directory, api_key=api_key, readable_storage=[data_dir])
+    netloc = urllib.parse.urlsplit(server.uri).netloc
+    IN_PROCESS_SERVERS.add(netloc)  # sinks writing to it patch one array at a time (TiledSink)
     try:
         client = from_uri(server.uri)
         raw = ensure_raw_catalog(client)
     except BaseException:
+        IN_PROCESS_SERVERS.discard(netloc)
         server.close()
         raise
     return EmbeddedArchive(server=server, client=client, raw=raw, data_dir=data_dir)

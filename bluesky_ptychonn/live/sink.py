@@ -7,16 +7,18 @@ other; each publish patches in only the block that changed since the last (the i
 ``offset``), so a reader polling Tiled sees the covered part grow while the scan runs.
 
 Tiled has no transaction over several arrays, so a publish is bracketed as a sequence lock: the
-metadata's ``publish_seq`` is odd while the arrays are being patched and even once they all hold
-the same snapshot. :func:`read_image` uses it to never return amplitude of one snapshot with
-phase of another.
+metadata's ``publish_seq`` is odd while the arrays are being patched (side by side) and even once
+they all hold the same snapshot. :func:`read_image` uses it to never return amplitude of one
+snapshot with phase of another.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import urllib.parse
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -31,23 +33,37 @@ logger = logging.getLogger(__name__)
 
 ARRAYS = ("amplitude", "phase", "weight")
 
-_patcher: ThreadPoolExecutor | None = None
-_patcher_lock = threading.Lock()
+#: host:port of the Tiled servers running inside this process (the embedded default), kept by
+#: :func:`~bluesky_ptychonn.archive.servers.start_embedded_server`.
+IN_PROCESS_SERVERS: set[str] = set()
 
 
-def _patch_pool() -> ThreadPoolExecutor:
-    """Threads that send one publish's array patches side by side (shared by all sinks of the process).
+def _netloc(uri: str) -> str:
+    return urllib.parse.urlsplit(uri).netloc
 
-    Sent one after another, the three or four patches of a publish were each a round trip of
-    70-150 ms on a busy 2-core server; sent together they overlap its waits on SQLite and disk
-    (a publish 0.8 -> 0.55 s, measured; ``README.md``). The Tiled client is made for concurrent
-    requests (its HTTP client is thread-safe; it bounds concurrent requests itself).
+
+def _side_by_side(jobs: Sequence[Callable[[], Any]]) -> None:
+    """Run ``jobs`` at once, the first on this thread; raise the first failure once all have ended.
+
+    Daemon threads, as the publisher's own: a patch stuck on a dead server never holds up the
+    interpreter's exit. The Tiled client is made for concurrent requests.
     """
-    global _patcher
-    with _patcher_lock:
-        if _patcher is None:
-            _patcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ptychonn-patch")
-        return _patcher
+    errors: list[BaseException] = []
+
+    def run(job: Callable[[], Any]) -> None:
+        try:
+            job()
+        except BaseException as err:  # handed to the publisher below, which decides
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(job,), name="ptychonn-patch", daemon=True) for job in jobs[1:]]
+    for thread in threads:
+        thread.start()
+    run(jobs[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def _new_array(node: Any, key: str, shape: tuple[int, ...]) -> Any:
@@ -84,13 +100,29 @@ class TiledSink:
     replace : bool
         Replace an existing result of the same name (replay): overwritten in place when it has the
         same grid, so a reader never finds the result without arrays; deleted first otherwise.
+    side_by_side : bool, optional
+        Send a publish's array patches together rather than one after another. By default, unless
+        the server runs in this process. To a server of its own a publish took 0.51-0.56 s against
+        0.67-0.76 s, the latency median 1.18-1.22 s against 1.30-1.40 s; to the embedded server the
+        four requests at once kept the inference thread off Python's lock (163-192 against 202-211
+        frames/s) and the median was no better, 1.89-2.17 s against 1.80-1.92 s
+        (``benchmarks/results/ab-patch-side-by-side/``, 2-core VM).
     """
 
-    def __init__(self, client: Any, raw_uid: str, name: str = PTYCHONN, *, replace: bool = False) -> None:
+    def __init__(
+        self,
+        client: Any,
+        raw_uid: str,
+        name: str = PTYCHONN,
+        *,
+        replace: bool = False,
+        side_by_side: bool | None = None,
+    ) -> None:
         self.client = client
         self.raw_uid = raw_uid
         self.name = name
         self.replace = replace
+        self.side_by_side = _netloc(client.uri) not in IN_PROCESS_SERVERS if side_by_side is None else side_by_side
         self._node: Any = None
         self._arrays: dict[str, Any] | None = None  # the result's array clients, as last known
         self._seq = 0  # publish_seq as last written: odd while arrays are being patched
@@ -164,18 +196,17 @@ class TiledSink:
             if image.weight.size:
                 self._seq += 1 + self._seq % 2  # odd: readers of the arrays wait or retry
                 node.update_metadata({"publish_seq": self._seq}, drop_revision=True)
-                sent = [
-                    _patch_pool().submit(
-                        arrays[key].patch,
-                        np.ascontiguousarray(getattr(image, key), dtype=np.float32),
-                        offset=image.offset,
+                patches = [
+                    partial(
+                        arrays[key].patch, np.ascontiguousarray(getattr(image, key), np.float32), offset=image.offset
                     )
                     for key in keys
                 ]
-                # Every patch has ended (none still in flight into the next publish) before one failure is raised.
-                errors = [err for err in (future.exception() for future in sent) if err is not None]
-                if errors:
-                    raise errors[0]
+                if self.side_by_side:
+                    _side_by_side(patches)
+                else:
+                    for patch in patches:
+                        patch()
                 self._seq += 1
             # Progress, not history: without drop_revision every publish kept two revision rows of
             # the whole metadata in the catalog (and cost the server two more queries each).
