@@ -7,9 +7,9 @@ other; each publish patches in only the block that changed since the last (the i
 ``offset``), so a reader polling Tiled sees the covered part grow while the scan runs.
 
 Tiled has no transaction over several arrays, so a publish is bracketed as a sequence lock: the
-metadata's ``publish_seq`` is odd while the arrays are being patched (side by side) and even once
-they all hold the same snapshot. :func:`read_image` uses it to never return amplitude of one
-snapshot with phase of another.
+metadata's ``publish_seq`` is odd while the arrays are being patched and even once they all hold
+the same snapshot. :func:`read_image` uses it to never return amplitude of one snapshot with
+phase of another.
 """
 
 from __future__ import annotations
