@@ -71,7 +71,7 @@ def _scan(client, data_dir, predictor, options, rows: int, period: float | None 
     return callback.runs[uid].live, detector
 
 
-def _latency(live) -> dict:
+def _latency_figures(live) -> dict:
     lat = _latencies(live)
     return {
         "latency_median_s": round(float(np.median(lat)), 3) if len(lat) else None,
@@ -94,9 +94,12 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         archive = start_embedded_server(Path(tmp) / "data", directory=Path(tmp) / "tiled")
         facility = FacilityServer(
-            Path(tmp) / "facility", secrets.token_hex(16), readable=[archive.data_dir], log=Path(tmp) / "tiled.log"
+            Path(tmp) / "facility",
+            secrets.token_hex(16),
+            readable=[archive.data_dir],
+            port=free_port(),
+            log=Path(tmp) / "tiled.log",
         )
-        facility.port = free_port()
         try:
             facility.start()
             facility_client, _ = connect(facility.uri, api_key=facility.api_key)
@@ -114,8 +117,8 @@ def run(quick: bool = False) -> dict:
                 # than the whole pipeline only measures the backlog it builds), into the in-process
                 # server and into a Tiled server in its own process, as a facility runs it.
                 period = 2.0 / e2e
-                paced = _latency(_scan(archive.client, archive.data_dir, predictor, options, rows, period)[0])
-                apart = _latency(_scan(facility_client, archive.data_dir, predictor, options, rows, period)[0])
+                paced = _latency_figures(_scan(archive.client, archive.data_dir, predictor, options, rows, period)[0])
+                apart = _latency_figures(_scan(facility_client, archive.data_dir, predictor, options, rows, period)[0])
                 row = {
                     "device": device_name(machine),
                     "network": preset,
