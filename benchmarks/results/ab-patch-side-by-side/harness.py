@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--apart", action="store_true", help="tiled serve in its own process")
     parser.add_argument("--fps", type=float, default=150.0)
     parser.add_argument("--tiledwriter-batch", type=int, default=1)
+    parser.add_argument("--max-wait", type=float, default=0.2, help="LiveOptions.max_wait_s")
     args = parser.parse_args()
     if args.patches != "auto":
         made = sink.TiledSink.__init__
@@ -89,7 +90,7 @@ def main() -> None:
             predictor = Predictor(PtychoNN(net).eval(), info, device="cpu")
             run_engine = RunEngine({})
             subscribe_archive(run_engine, client, batch_size=args.tiledwriter_batch)
-            options = LiveOptions(batch_size=64, publish_interval_s=0.5)
+            options = LiveOptions(batch_size=64, publish_interval_s=0.5, max_wait_s=args.max_wait)
             callback = PtychoNNCallback(predictor, client, CallbackConfig(data_roots=[archive.data_dir], live=options))
             run_engine.subscribe(callback)
             stage = SimStage(name="stage")
@@ -122,6 +123,7 @@ def main() -> None:
                 "tiled": "own process" if args.apart else "embedded, in process",
                 "fps": args.fps,
                 "tiledwriter_batch": args.tiledwriter_batch,
+                "max_wait_s": args.max_wait,
                 "latency_median_s": round(float(p[0]), 3),
                 "to_stitched_s": round(float(p[1]), 3),
                 "stitched_to_publish_s": round(float(p[2]), 3),
