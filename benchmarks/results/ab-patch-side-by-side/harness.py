@@ -37,7 +37,9 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=150.0)
     parser.add_argument("--tiledwriter-batch", type=int, default=1)
     parser.add_argument("--max-wait", type=float, default=0.2, help="LiveOptions.max_wait_s")
+    parser.add_argument("--switch-interval", type=float, default=0.005, help="sys.setswitchinterval (GIL)")
     args = parser.parse_args()
+    sys.setswitchinterval(args.switch_interval)
     if args.patches != "auto":
         made = sink.TiledSink.__init__
 
@@ -124,6 +126,7 @@ def main() -> None:
                 "fps": args.fps,
                 "tiledwriter_batch": args.tiledwriter_batch,
                 "max_wait_s": args.max_wait,
+                "switch_interval_s": args.switch_interval,
                 "latency_median_s": round(float(p[0]), 3),
                 "to_stitched_s": round(float(p[1]), 3),
                 "stitched_to_publish_s": round(float(p[2]), 3),
