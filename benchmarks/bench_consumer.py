@@ -106,13 +106,17 @@ class _Consumer:
             self.process.kill()
 
 
-def _watch(client, uid: str, consumer: _Consumer, timeout_s: float, poll_s: float, first_after: int = 10_000) -> dict:
-    """Poll the result every ``poll_s`` until it is no longer running; sample the consumer's memory meanwhile."""
+def _watch(client, uids: list, consumer: _Consumer, timeout_s: float, poll_s: float, first_after: int = 10_000) -> dict:
+    """Poll the result of the run whose uid lands in ``uids`` every ``poll_s`` until it is no longer running.
+
+    Started before the scan, in a thread: the consumer's memory is sampled from its first frame,
+    while the RunEngine still flies, not only once the scan is over.
+    """
     samples, seen_done = [], None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            md = dict(client["processed"][uid]["ptychonn"].metadata)
+            md = dict(client["processed"][uids[0]]["ptychonn"].metadata) if uids else {}
         except KeyError:
             md = {}
         memory = _memory_mib(consumer.process.pid)
@@ -122,9 +126,19 @@ def _watch(client, uid: str, consumer: _Consumer, timeout_s: float, poll_s: floa
             break
         time.sleep(poll_s)
     if seen_done is None:
-        raise RuntimeError(f"run {uid} did not finish within {timeout_s:.0f} s")
+        raise RuntimeError(f"run {uids} did not finish within {timeout_s:.0f} s")
     after_first = next((rss for done, rss in samples if done >= first_after), samples[-1][1])
-    return {"metadata": md, "seen_done": seen_done, "rss_after_first": after_first, "memory": memory}
+    return {"metadata": md, "seen_done": seen_done, "rss_after_first": after_first, "memory": memory, "samples": samples}
+
+
+def _rss_curve(samples: list[tuple[int, float]], total: int, points: int = 10) -> list[list[float]]:
+    """The consumer's resident MiB at each tenth of the scan's frames: [frames done, MiB]."""
+    curve = []
+    for k in range(1, points + 1):
+        hit = next(((done, rss) for done, rss in samples if done >= total * k // points), None)
+        if hit is not None:
+            curve.append([hit[0], round(hit[1], 1)])
+    return curve
 
 
 def run(quick: bool = False) -> dict:
@@ -204,9 +218,20 @@ def run(quick: bool = False) -> dict:
                 f"{model_only:.1f} frames/s, ratio {e2e / model_only:.2f} (target >= 0.9)"
             )
 
+            uids: list[str] = []
+            watched: dict = {}
+            watcher = threading.Thread(
+                target=lambda: watched.update(_watch(archive.client, uids, consumer, timeout_s=7200, poll_s=1.0)),
+                daemon=True,
+            )
+            token = run_engine.subscribe(lambda name, doc: uids.append(doc["uid"]), "start")
             started = time.monotonic()
-            (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=2.4e-7, shape=memory_shape))
-            watched = _watch(archive.client, uid, consumer, timeout_s=7200, poll_s=1.0)
+            watcher.start()
+            run_engine(ptycho_fly_scan(detector, stage, step_m=2.4e-7, shape=memory_shape))
+            run_engine.unsubscribe(token)
+            watcher.join()
+            if not watched:
+                raise RuntimeError("the long scan's result was not followed to its end (see the watcher's traceback)")
             big = watched["metadata"]
             long_s = time.monotonic() - started
             long_rate = big["frames_done"] / (watched["seen_done"] - big["first_frame"])
@@ -217,7 +242,8 @@ def run(quick: bool = False) -> dict:
                 f"   {total} frames in {long_s:.0f} s ({long_rate:.1f} frames/s, {long_rate / model_only:.2f} of model "
                 f"only): status {big['status']}, lost {lost}; "
                 f"consumer memory after 10,000 frames {rss_first:.0f} MiB, final {rss_final:.0f} MiB "
-                f"({rss_final / rss_first - 1:+.1%}; target within 10 %), peak {watched['memory']['VmHWM']:.0f} MiB"
+                f"({rss_final / rss_first - 1:+.1%}; target within 10 %), peak {watched['memory']['VmHWM']:.0f} MiB; "
+                f"[frames, MiB] at each tenth: {_rss_curve(watched['samples'], total)}"
             )
         finally:
             for p in publishers:  # with messages queued for the stopped proxy, a garbage-collected
@@ -251,6 +277,7 @@ def run(quick: bool = False) -> dict:
                 "rss_final_mib": round(rss_final, 1),
                 "rss_growth": round(rss_final / rss_first - 1, 3),
                 "rss_peak_mib": round(watched["memory"]["VmHWM"], 1),
+                "rss_curve_frames_mib": _rss_curve(watched["samples"], total),
             }
         ],
         "note": "the consumer's own process; RunEngine, detector and Tiled server run in the benchmark's process",

@@ -195,6 +195,20 @@ def test_frames_faster_than_inference_are_bounded_never_block_and_are_listed(sca
     assert len(md["skipped_ids"]) == md["frames_skipped"] and md["frames_missing"] == 0
 
 
+def test_frames_on_disk_are_read_at_most_read_ahead_frames_ahead_and_none_is_skipped(scan, predictor):
+    """Frames that can wait (in files) wait for room under ``read_ahead_frames``: memory stays flat behind a fast scan."""
+    options = FAST.model_copy(update={"read_ahead_frames": 4, "batch_size": 2})
+    live = LiveReconstruction(_slow(predictor, 0.05), scan.grid, None, {"raw_uid": "disk"}, options)
+    most = 0
+    for i in range(0, 12, 2):
+        live.submit(scan.frame_ids[i : i + 2], scan.frames[i : i + 2], scan.positions_m[i : i + 2], wait=True)
+        most = max(most, live._queued)
+    live.finish("complete", frames_expected=12)
+    assert live.wait(30)
+    assert most <= 4  # on the old bound (max_queued_frames) all 12 queued at once
+    assert live.metadata["frames_done"] == 12 and live.metadata["frames_skipped"] == 0
+
+
 def test_a_run_whose_stop_never_comes_is_released_as_interrupted(scan, predictor):
     options = FAST.model_copy(update={"idle_timeout_s": 0.5})
     live = LiveReconstruction(predictor, scan.grid, None, {"raw_uid": "silent"}, options)

@@ -135,7 +135,7 @@ class LiveReconstruction(Publishing):
 
         Returns at once: frames beyond ``max_queued_frames`` are skipped and listed. With
         ``wait`` (frames that can stay on disk: replay, or files read off the RunEngine's thread)
-        it waits for room instead.
+        it waits instead until fewer than ``read_ahead_frames`` are queued.
         """
         if self._first_frame is None:
             self._first_frame = time.time()
@@ -150,7 +150,7 @@ class LiveReconstruction(Publishing):
             self.record_error(f"dropped {len(ids)} frames: {problem}")
             self._count("frames_dropped", len(ids))
             return
-        limit = self.options.max_queued_frames
+        limit = min(self.options.read_ahead_frames, self.options.max_queued_frames)
         while wait and self._queued and self._queued + len(ids) > limit and self._worker.is_alive():
             time.sleep(0.01)
         with self._lock:

@@ -54,8 +54,17 @@ class LiveOptions(Frozen):
         ge=1,
         description=(
             "Frames waiting for inference at most (16384 64x64 float32 frames: 256 MiB). Frames in files wait on "
-            "disk for room; inline frames beyond it are skipped, never blocking the RunEngine, and their ids are "
-            "listed in the result (replay finishes them)."
+            "disk (read_ahead_frames); inline frames beyond it are skipped, never blocking the RunEngine, and "
+            "their ids are listed in the result (replay finishes them)."
+        ),
+    )
+    read_ahead_frames: int = Field(
+        1024,
+        ge=1,
+        description=(
+            "Frames in files read ahead of inference at most (a submission comes in whole when none waits). "
+            "They can wait on disk, so holding more only costs memory: with the 16384 of max_queued_frames, "
+            "a consumer behind a fast scan held 256 MiB more than after it caught up."
         ),
     )
     idle_timeout_s: float = Field(
