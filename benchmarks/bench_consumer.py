@@ -128,7 +128,8 @@ def _watch(client, uids: list, consumer: _Consumer, timeout_s: float, poll_s: fl
     if seen_done is None:
         raise RuntimeError(f"run {uids} did not finish within {timeout_s:.0f} s")
     after_first = next((rss for done, rss in samples if done >= first_after), samples[-1][1])
-    return {"metadata": md, "seen_done": seen_done, "rss_after_first": after_first, "memory": memory, "samples": samples}
+    return {"metadata": md, "seen_done": seen_done, "rss_after_first": after_first, "memory": memory,
+            "samples": samples}  # fmt: skip
 
 
 def _rss_curve(samples: list[tuple[int, float]], total: int, points: int = 10) -> list[list[float]]:

@@ -201,38 +201,77 @@ def _splat_add(
     """Add (N, n, n) patches (or one (n, n) patch for all) at fractional ``corners`` into (H, W) grids, bilinearly.
 
     Each patch is spread over its four integer shifts as a (n+1, n+1) footprint, and the whole
-    batch goes in with one scatter-add per grid over the batch's bounding box (``bincount`` on the
-    host, ``index_add_`` on a torch device): no Python loop over frames. Returns the box (y0, y1, x0, x1).
+    batch goes in with one scatter-add over the batch's bounding box (``bincount`` per grid on the
+    host, one ``index_add_`` for all grids on a torch device): no Python loop over frames.
+    Returns the box (y0, y1, x0, x1).
     """
     height, width = sums[0][0].shape
     iy = np.floor(corners[:, 0]).astype(np.int64)
     ix = np.floor(corners[:, 1]).astype(np.int64)
-    on = _to(device)
-    fy = on((corners[:, 0] - iy).astype(np.float32)[:, None, None])
-    fx = on((corners[:, 1] - ix).astype(np.float32)[:, None, None])
     y0, x0 = int(iy.min()), int(ix.min())
     box_h, box_w = int(iy.max()) + n + 1 - y0, int(ix.max()) + n + 1 - x0
     y1, x1 = min(y0 + box_h, height), min(x0 + box_w, width)  # a zero-weight last row/column may overhang
+    on = _to(device)
+    fy = (corners[:, 0] - iy).astype(np.float32)
+    fx = (corners[:, 1] - ix).astype(np.float32)
     # Built where the sums are: on a GPU, N (n+1)^2 indices made there instead of copied over.
     steps, rows, cols = on(np.arange(n + 1)), on((iy - y0)[:, None, None]), on((ix - x0)[:, None, None])
     index = ((rows + steps[:, None]) * box_w + (cols + steps)).ravel()
+    if device is not None:
+        _splat_add_torch(sums, on(fy), on(fx), index, (y0, y1, x0, x1), (box_h, box_w))
+        return y0, y1, x0, x1
     for grid, patches in sums:
-        zeros = _zeros_on(device, ())
         # Separable: spread over the two row shifts, then the two column shifts.
-        rows = zeros(patches.dtype, (len(corners), n + 1, n))
-        rows[:, :n] = (1 - fy) * patches
-        rows[:, 1:] += fy * patches
-        footprint = zeros(patches.dtype, (len(corners), n + 1, n + 1))
-        footprint[:, :, :n] = (1 - fx) * rows
-        footprint[:, :, 1:] += fx * rows
-        if device is None:
-            parts = [footprint.real, footprint.imag] if np.iscomplexobj(footprint) else [footprint]
-            summed = [np.bincount(index, part.ravel(), box_h * box_w) for part in parts]
-            box = summed[0] if len(summed) == 1 else summed[0] + 1j * summed[1]
-        else:
-            box = zeros(grid.dtype, (box_h * box_w,)).index_add_(0, index, footprint.reshape(-1).to(grid.dtype))
+        spread = np.zeros((len(corners), n + 1, n), patches.dtype)
+        spread[:, :n] = (1 - fy[:, None, None]) * patches
+        spread[:, 1:] += fy[:, None, None] * patches
+        footprint = np.zeros((len(corners), n + 1, n + 1), patches.dtype)
+        footprint[:, :, :n] = (1 - fx[:, None, None]) * spread
+        footprint[:, :, 1:] += fx[:, None, None] * spread
+        parts = [footprint.real, footprint.imag] if np.iscomplexobj(footprint) else [footprint]
+        summed = [np.bincount(index, part.ravel(), box_h * box_w) for part in parts]
+        box = summed[0] if len(summed) == 1 else summed[0] + 1j * summed[1]
         grid[y0:y1, x0:x1] += box.reshape(box_h, box_w)[: y1 - y0, : x1 - x0]
     return y0, y1, x0, x1
+
+
+def _splat_add_torch(
+    sums: list[tuple[Any, Any]], fy: Any, fx: Any, index: Any, block: tuple[int, int, int, int], box: tuple[int, int]
+) -> None:
+    """The torch device's :func:`_splat_add`: every grid's patches (a complex one as two channels) in one stack.
+
+    The stack goes to its four bilinear shifts with four fused multiply-adds and into a float32
+    box with one ``index_add_``; the box is then added to the float64 grids. On the 2-core CPU
+    43 against 77-82 us a frame for a separable spread and a float64 scatter per grid (a depthwise
+    2x2 convolution took 72-95). Summing one batch in float32 moves the result by float32 rounding
+    only (tested against the host path).
+    """
+    torch = _torch()
+    y0, y1, x0, x1 = block
+    count, n = len(fy), sums[0][1].shape[-1]
+    channels = []
+    for _, patches in sums:
+        patches = patches.expand(count, n, n)
+        channels += [patches.real, patches.imag] if patches.is_complex() else [patches]
+    stack = torch.stack([c.float() for c in channels], 1)  # (N, C, n, n)
+    c = stack.shape[1]
+    fy, fx = fy[:, None, None, None], fx[:, None, None, None]
+    footprints = stack.new_zeros(count, c, n + 1, n + 1)
+    footprints[..., :n, :n].addcmul_((1 - fy) * (1 - fx), stack)
+    footprints[..., 1:, :n].addcmul_(fy * (1 - fx), stack)
+    footprints[..., :n, 1:].addcmul_((1 - fy) * fx, stack)
+    footprints[..., 1:, 1:].addcmul_(fy * fx, stack)
+    values = footprints.reshape(count, c, -1).transpose(0, 1).reshape(c, -1)
+    summed = stack.new_zeros(c, box[0] * box[1]).index_add_(1, index, values)
+    summed = summed.reshape(c, *box)[:, : y1 - y0, : x1 - x0]
+    k = 0
+    for grid, _ in sums:
+        if grid.is_complex():
+            grid[y0:y1, x0:x1] += torch.complex(summed[k], summed[k + 1])
+            k += 2
+        else:
+            grid[y0:y1, x0:x1] += summed[k]
+            k += 1
 
 
 def _torch() -> Any:
