@@ -142,6 +142,14 @@ class ConsistencyModel:
         self.device = torch.device(device)
         self.probe = probe.astype(np.complex64)
         self._probe = torch.from_numpy(self.probe).to(self.device)
+        # The probe folded into the forward model: |probe| scales the amplitude and its phase adds to
+        # the patch's, so one polar() makes the exit wave (no complex product). For even n a
+        # checkerboard of pi does fftshift's work inside the FFT: (-1)^(y+x) moves zero frequency to
+        # the centre, and the magnitudes need no shifted copy.
+        n = probe.shape[0]
+        angle = np.angle(self.probe) + (np.pi * (np.add.outer(np.arange(n), np.arange(n)) % 2) if n % 2 == 0 else 0)
+        self._probe_abs = torch.from_numpy(np.abs(self.probe).astype(np.float32)).to(self.device)
+        self._probe_angle = torch.from_numpy(angle.astype(np.float32)).to(self.device)
         # Orientation only: counts stay counts.
         self._orient = orientation_only(recipe)
 
@@ -193,9 +201,16 @@ class ConsistencyModel:
         return torch.as_tensor(np.ascontiguousarray(array, np.float32), device=self.device)
 
     def _magnitudes(self, amplitude: Any, phase: Any) -> Any:
-        from .physics_loss import far_field_magnitudes
+        """|FFT(probe x patch)| as :func:`~bluesky_ptychonn.core.physics_loss.far_field_magnitudes`, probe folded in."""
+        import torch
 
-        return far_field_magnitudes(self._on_device(amplitude), self._on_device(phase), self._probe)
+        from .physics_loss import far_field_magnitudes, polar
+
+        amplitude, phase = self._on_device(amplitude), self._on_device(phase)
+        if self.probe.shape[0] % 2:
+            return far_field_magnitudes(amplitude, phase, self._probe)
+        wave = polar(amplitude * self._probe_abs, phase + self._probe_angle)
+        return torch.fft.fft2(wave, norm="ortho").abs()
 
     def _score(self, amplitude: Any, phase: Any, measured: Any) -> tuple[Any, Any]:
         """(error, chi2) tensors (B,) on the device."""

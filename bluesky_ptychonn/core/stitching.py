@@ -136,7 +136,12 @@ class PatchStitcher:
         corners = self.grid.patch_corners(positions_m, self.n)
         on = _to(self.device)
         window = on(self.window)
-        phasor = on(np.exp(1j * phase)) * window if self.device is None else _torch().polar(window, on(phase))
+        if self.device is None:
+            phasor = on(np.exp(1j * phase)) * window
+        else:
+            from .physics_loss import polar
+
+            phasor = polar(window, on(phase))
         sums = [(self._amp, on(amplitude) * window), (self._phasor, phasor), (self._weight, window)]
         if self._trust is not None and self.trust_window is not None and trust is not None:
             trust_window = on(self.trust_window)
