@@ -205,7 +205,18 @@ def test_frames_on_disk_are_read_at_most_read_ahead_frames_ahead_and_none_is_ski
         most = max(most, live._queued)
     live.finish("complete", frames_expected=12)
     assert live.wait(30)
-    assert most <= 4  # on the old bound (max_queued_frames) all 12 queued at once
+    assert most <= 4 + 1  # fewer than 4 waiting, then one submission of 2; the old bound let all 12 queue
+    assert live.metadata["frames_done"] == 12 and live.metadata["frames_skipped"] == 0
+
+
+def test_frames_on_disk_are_never_skipped_even_past_max_queued_frames(scan, predictor):
+    """A late flush can bring more frames than the queue's bound; read from disk already, they are kept."""
+    options = FAST.model_copy(update={"max_queued_frames": 4, "read_ahead_frames": 4, "batch_size": 4})
+    live = LiveReconstruction(predictor, scan.grid, None, {"raw_uid": "late"}, options)
+    live.submit(scan.frame_ids[:10], scan.frames[:10], scan.positions_m[:10], wait=True)
+    live.submit(scan.frame_ids[10:12], scan.frames[10:12], scan.positions_m[10:12], wait=True)
+    live.finish("complete", frames_expected=12)
+    assert live.wait(30)
     assert live.metadata["frames_done"] == 12 and live.metadata["frames_skipped"] == 0
 
 

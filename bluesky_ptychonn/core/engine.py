@@ -135,7 +135,7 @@ class LiveReconstruction(Publishing):
 
         Returns at once: frames beyond ``max_queued_frames`` are skipped and listed. With
         ``wait`` (frames that can stay on disk: replay, or files read off the RunEngine's thread)
-        it waits instead until fewer than ``read_ahead_frames`` are queued.
+        it waits instead until fewer than ``read_ahead_frames`` are queued, and is never skipped.
         """
         if self._first_frame is None:
             self._first_frame = time.time()
@@ -150,11 +150,15 @@ class LiveReconstruction(Publishing):
             self.record_error(f"dropped {len(ids)} frames: {problem}")
             self._count("frames_dropped", len(ids))
             return
+        # Frames that can wait come in whole once fewer than read_ahead_frames are queued, so the
+        # queue never runs dry between two submissions (the model would idle while the next one is
+        # read) and stays long enough for the publisher to see the model behind. They are in memory
+        # already: refusing them for their size would only lose them.
         limit = min(self.options.read_ahead_frames, self.options.max_queued_frames)
-        while wait and self._queued and self._queued + len(ids) > limit and self._worker.is_alive():
+        while wait and self._queued >= limit and self._worker.is_alive():
             time.sleep(0.01)
         with self._lock:
-            skip = self._queued + len(ids) > self.options.max_queued_frames
+            skip = self._queued + len(ids) > self.options.max_queued_frames and not (wait and self._worker.is_alive())
             if skip:  # never block the RunEngine and never grow without bound: skip, and say exactly which
                 self.metadata["frames_skipped"] += len(ids)
                 room = MAX_FLAGGED_IDS - len(self.metadata["skipped_ids"])

@@ -62,7 +62,7 @@ class LiveOptions(Frozen):
         1024,
         ge=1,
         description=(
-            "Frames in files read ahead of inference at most (a submission comes in whole when none waits). "
+            "Frames in files are read while fewer than this wait for inference (a submission comes in whole). "
             "They can wait on disk, so holding more only costs memory: with the 16384 of max_queued_frames, "
             "a consumer behind a fast scan held 256 MiB more than after it caught up."
         ),
