@@ -195,8 +195,8 @@ def test_frames_faster_than_inference_are_bounded_never_block_and_are_listed(sca
     assert len(md["skipped_ids"]) == md["frames_skipped"] and md["frames_missing"] == 0
 
 
-def test_frames_on_disk_are_read_at_most_read_ahead_frames_ahead_and_none_is_skipped(scan, predictor):
-    """Frames that can wait (in files) wait for room under ``read_ahead_frames``: flat memory behind a fast scan."""
+def test_frames_on_disk_wait_while_read_ahead_frames_are_queued_and_none_is_skipped(scan, predictor):
+    """Frames in files come in once fewer than ``read_ahead_frames`` wait: flat memory behind a fast scan."""
     options = FAST.model_copy(update={"read_ahead_frames": 4, "batch_size": 2})
     live = LiveReconstruction(_slow(predictor, 0.05), scan.grid, None, {"raw_uid": "disk"}, options)
     most = 0
