@@ -74,18 +74,26 @@ def run(quick: bool = False) -> dict:
             info = CheckpointInfo(config, PreprocessRecipe(), content_hash=preset)
             native = resolve_precision("auto", device) == "bfloat16"
             # Emulated bf16 (no AVX-512 BF16 or AMX) ran 20x slower than float32: not worth minutes here.
-            for precision in ("float32", "bfloat16") if native else ("float32",):
+            # On the CPU, also the frozen graph (Predictor(compile=True)) in the native precision, at
+            # the batches that run best eager; on a GPU bench_compile measures the graph.
+            variants = [(p, False, batches) for p in (("float32", "bfloat16") if native else ("float32",))]
+            if dev_name == "cpu":
+                variants.append(("bfloat16" if native else "float32", True, [64] if quick else [16, 64]))
+            for precision, compiled, sizes in variants:
                 tag = "fp32" if precision == "float32" else "bf16"
-                predictor = Predictor(PtychoNN(config), info, device=dev_name, precision=precision)
-                for batch in batches:
+                predictor = Predictor(PtychoNN(config), info, device=dev_name, precision=precision, compile=compiled)
+                for batch in sizes:
                     seconds = 0.5 if quick else (2.0 if dev_name == "cpu" else 1.0)
+                    t0 = time.perf_counter()
                     fps, per_batch = _throughput(predictor, batch, seconds)
                     achieved = fps * flops / 1e9
                     row = {
                         "device": device_name(machine),
                         "device_type": dev_name,
                         "network": preset,
-                        "precision": precision + (" channels-last" if precision == "bfloat16" else ""),
+                        "precision": precision
+                        + (" channels-last" if precision == "bfloat16" else "")
+                        + (" compiled" if predictor.compiled else ""),
                         "batch": batch,
                         "frames_per_s": round(fps, 1),
                         "batch_latency_ms": round(per_batch * 1e3, 2),
@@ -93,11 +101,14 @@ def run(quick: bool = False) -> dict:
                         "achieved_gflop_per_s": round(achieved, 1),
                         "fraction_of_ceiling": round(achieved / ceiling[f"ceiling_{tag}_gflop_per_s"], 3),
                     }
+                    if compiled:  # the first call builds the graph (inductor's cache may hold it from a run before)
+                        row["first_call_and_run_s"] = round(time.perf_counter() - t0, 1)
                     if dev_name == "cuda":
                         row["forward_only_frames_per_s"] = round(_resident(predictor, batch, seconds), 1)
                     results.append(row)
                     print(
-                        f"   {dev_name} {preset:5s} {tag} batch {batch:5d}: {fps:10.1f} frames/s, "
+                        f"   {dev_name} {preset:5s} {tag}{' compiled' if compiled else ''} batch {batch:5d}: "
+                        f"{fps:10.1f} frames/s, "
                         f"{row['batch_latency_ms']} ms/batch, {row['achieved_gflop_per_s']} GFLOP/s = "
                         f"{row['fraction_of_ceiling']:.2f} of the {tag} ceiling"
                         + (f"; forward only {row['forward_only_frames_per_s']} frames/s" if dev_name == "cuda" else "")

@@ -54,7 +54,11 @@ class ModelSection(Frozen):
     )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:n]'.")
     compile: bool = Field(
-        False, description="On a GPU, run the network as a torch.compile graph (about 2x; compiles at the first batch)."
+        False,
+        description=(
+            "Run the network as a torch.compile graph, built at the first batch: about 2x on a GPU, "
+            "1.15-1.2x on an AVX-512 CPU after 10-20 s of compilation."
+        ),
     )
     reload_interval_s: float = Field(10.0, ge=0, description="How often to look for a new checkpoint; 0 never.")
 
