@@ -92,3 +92,32 @@ def test_replay_incomplete_finishes_exactly_the_runs_without_a_final_live_result
     (finished,) = json.loads(capsys.readouterr().out)
     assert finished["raw_uid"] == uids["missing"] and finished["status"] == "complete", finished
     assert finished["frames_done"] == len(scan.frames)
+
+
+def test_replay_with_compile_builds_one_graph_for_the_runs_and_matches_eager(tiled_server, command, capsys):
+    """``--compile``: the worker's cached predictor runs a frozen graph; its image is eager's within rounding."""
+    from bluesky_ptychonn.archive.cluster import load_predictor
+
+    client = tiled_server.client
+    scan, section = _scan()
+    tag = uuid.uuid4().hex
+    archive = TiledWriter(client["raw"])
+    uids = []
+    for _ in range(2):
+        docs = _inline_run(scan.frames, scan.positions_m, section, campaign=tag)
+        for name, doc in docs:
+            archive(name, doc)
+        uids.append(docs[0][1]["uid"])
+    assert main(["replay", f"start.campaign={tag}", "--name", "eager", *command]) == 0
+    capsys.readouterr()
+    assert main(["replay", f"start.campaign={tag}", "--name", "compiled", "--compile", *command]) == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert [s["status"] for s in summaries] == ["complete", "complete"], summaries
+    checkpoint = command[command.index("--checkpoint") + 1]
+    assert load_predictor(checkpoint, "cpu", compile=True).compiled  # built, used, not dropped for eager
+    for uid in uids:
+        eager, compiled = _images(client, uid, "eager"), _images(client, uid, "compiled")
+        np.testing.assert_allclose(compiled["weight"], eager["weight"], rtol=1e-5)
+        covered = eager["weight"] > 0.1 * eager["weight"].max()
+        phase = np.angle(np.exp(1j * (compiled["phase"] - eager["phase"])))[covered]
+        assert np.abs(phase).max() < 0.05, np.abs(phase).max()

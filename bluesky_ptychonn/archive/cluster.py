@@ -58,17 +58,20 @@ def _connect(uri: str, api_key: str | None) -> tuple[Any, Any]:
 
 
 @functools.lru_cache(maxsize=4)
-def predictor_for(checkpoint: str, device: str, stamp: int = 0) -> Any:
-    """The model of a checkpoint, loaded once per worker process (``stamp``: its mtime, so a new file reloads)."""
+def predictor_for(checkpoint: str, device: str, stamp: int = 0, compile: bool = False) -> Any:
+    """The model of a checkpoint, loaded once per worker process (``stamp``: its mtime, so a new file reloads).
+
+    Once per process, a compiled graph (``compile``) is built once and serves every run the worker replays.
+    """
     from ..core.inference import Predictor
 
-    return Predictor.from_checkpoint(Path(checkpoint), device=device)
+    return Predictor.from_checkpoint(Path(checkpoint), device=device, compile=compile)
 
 
-def load_predictor(checkpoint: str | Path, device: str) -> Any:
+def load_predictor(checkpoint: str | Path, device: str, compile: bool = False) -> Any:
     """:func:`predictor_for` keyed by the file's modification time."""
     path = Path(checkpoint)
-    return predictor_for(str(path.resolve()), device, path.stat().st_mtime_ns)
+    return predictor_for(str(path.resolve()), device, path.stat().st_mtime_ns, compile)
 
 
 def map_runs(

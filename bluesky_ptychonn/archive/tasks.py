@@ -26,6 +26,7 @@ def replay_task(
     *,
     checkpoint: str,
     device: str = "auto",
+    compile: bool = False,
     options: LiveOptions | None = None,
     replace: bool = True,
     name: str = PTYCHONN,
@@ -39,7 +40,7 @@ def replay_task(
     from .refine import refine_run
     from .replay import replay_run
 
-    predictor = load_predictor(checkpoint, device)
+    predictor = load_predictor(checkpoint, device, compile)
     result = replay_run(run, predictor, client, options=options, replace=replace, name=name, progress=progress)
     summary = {k: result.get(k) for k in REPLAY_KEYS} | {"errors": result["errors"]}
     if refine is not False:
