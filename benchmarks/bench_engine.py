@@ -36,9 +36,8 @@ def devices() -> list[str]:
 def _engine(name: str, scan, geometry: DetectorGeometry, compiled: bool, quick: bool, pipeline: str = "auto") -> dict:
     """One device's engine row (eager, or with the network compiled)."""
     machine = describe(name)
-    predictor = Predictor.from_checkpoint(base_model_path(), device=name, compile=compiled)
     batch = 64 if name == "cpu" else 1024
-    predictor.batch_size = batch
+    predictor = Predictor.from_checkpoint(base_model_path(), device=name, batch_size=batch, compile=compiled)
     repeats = 1 if (quick or name == "cpu") else 20  # frames: 1,024 per repeat
     frames = np.concatenate([scan.frames] * repeats)
     positions = np.concatenate([scan.positions_m] * repeats)

@@ -235,6 +235,35 @@ def test_inline_frames_and_malformed_documents(checkpoint):
     assert callback.runs[bad_uid].live.metadata["frames_dropped"] == 4
 
 
+def test_a_compiled_callback_serves_every_run_of_its_session_with_the_graph_built_at_load(
+    tiled_server, make_devices, tmp_path, checkpoint
+):
+    """``compile=True``: the graph is built as the callback loads the model; the runs compile nothing
+    more, on the engine's worker thread, and their images are eager's within rounding."""
+    from torch._dynamo.utils import counters
+
+    run_engine = RunEngine({})
+    callback = PtychoNNCallback.from_checkpoint(
+        checkpoint, tiled_server.client, device="cpu", compile=True, data_roots=[tiled_server.data_dir], live=FAST
+    )
+    assert callback.predictor.compiled
+    built = sum(counters["stats"].values())
+    run_engine.subscribe(callback)
+    stage, detector = make_devices(tiled_server.data_dir / tmp_path.name)
+    eager = Predictor.from_checkpoint(checkpoint, device="cpu")
+    for _ in range(2):
+        (uid,) = run_engine(ptycho_fly_scan(detector, stage, step_m=STEP_M, shape=(4, 5), exposure_s=2e-3))
+        assert callback.wait(uid, 60)
+        arrays, md = _result(tiled_server.client, uid)
+        assert md["status"] == "complete" and md["frames_done"] == 20 and md["errors"] == []
+        with h5py.File(detector.path, "r") as f:
+            frames, positions = f["entry/data/data"][()], f["entry/data/positions_m"][()]
+        offline = reconstruct(eager, frames, positions, grid=ObjectGrid.from_metadata(md["grid"]))
+        covered = offline.covered(0.1)
+        assert np.abs(np.angle(np.exp(1j * (arrays["phase"] - offline.phase)))[covered]).max() < 0.05
+    assert sum(counters["stats"].values()) == built, dict(counters["stats"])
+
+
 def test_a_model_that_does_not_fit_the_run_leaves_a_failed_result(tiled_server, make_devices, tmp_path):
     net = NetworkConfig(input_pixels=64, base_channels=4, depth=2)
     path = tmp_path / "model64.safetensors"

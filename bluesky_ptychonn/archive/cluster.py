@@ -61,7 +61,7 @@ def _connect(uri: str, api_key: str | None) -> tuple[Any, Any]:
 def predictor_for(checkpoint: str, device: str, stamp: int = 0, compile: bool = False) -> Any:
     """The model of a checkpoint, loaded once per worker process (``stamp``: its mtime, so a new file reloads).
 
-    Once per process, a compiled graph (``compile``) is built once and serves every run the worker replays.
+    A compiled graph (``compile``) is thus built once per process and serves every run the worker replays.
     """
     from ..core.inference import Predictor
 

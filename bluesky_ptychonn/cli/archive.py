@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="run the network as a torch.compile graph, built once per process at its first batch "
+        help="run the network as a torch.compile graph, built once per process as it loads the model "
         "(10-20 s on a CPU, then 1.15-1.2x; pays for many or long runs)",
     )
     p.add_argument(

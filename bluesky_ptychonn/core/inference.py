@@ -39,8 +39,9 @@ class Predictor:
         network 20x slower than float32 on an AVX2-only CPU. bf16 images stay within
         :data:`BF16_TOLERANCE` of float32 (tested).
     compile : bool
-        Run the network as a ``torch.compile`` graph, built at the first batch; batches are padded
-        to ``batch_size`` so one graph serves them all. On a GPU: 2.3x (paper network) and 1.8x
+        Run the network as a ``torch.compile`` graph, built here, on a batch of zeros, so that its
+        cost falls where the model is loaded (a consumer's start, a hot reload's own thread), not
+        on a scan's first frames; batches are padded to ``batch_size`` so one graph serves them all. On a GPU: 2.3x (paper network) and 1.8x
         (small) the eager forward rate on an H200 at batch 1,024 (`make bench`, ``bench_compile``),
         after 8-17 s of compilation. On the CPU the graph is frozen (weights folded in as
         constants, in bf16 where that is the precision, so oneDNN gets them prepacked and fuses
@@ -74,6 +75,9 @@ class Predictor:
         self.precision = resolve_precision(precision, self.device)
         self.model = self._placed(model)
         self._graph: Any = self._compiled() if compile else None
+        if self._graph is not None:
+            with torch.inference_mode():  # the layout and shape of every later batch: no rebuild
+                self._network(self._on_device(torch.zeros((self.batch_size, self.patch_pixels, self.patch_pixels))))
         release_openmp_team()  # the model usually runs on another thread (the live engine's worker) from here
 
     @classmethod

@@ -107,6 +107,7 @@ class PtychoNNCallback:
         client: Any,
         *,
         device: str = "auto",
+        compile: bool = False,
         after_final: Callable[[str], None] | None = None,
         **config: Any,
     ) -> PtychoNNCallback:
@@ -120,6 +121,10 @@ class PtychoNNCallback:
             Where results go (None: in memory only).
         device : str
             ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        compile : bool
+            Run the network as a compiled graph, built here (see
+            :class:`~bluesky_ptychonn.core.inference.Predictor`): 10-20 s once, then every run of the
+            session is faster.
         after_final : callable, optional
             See the class.
         **config
@@ -128,7 +133,7 @@ class PtychoNNCallback:
         from ..core.inference import Predictor
 
         return cls(
-            Predictor.from_checkpoint(checkpoint, device=device),
+            Predictor.from_checkpoint(checkpoint, device=device, compile=compile),
             client,
             CallbackConfig(**config),
             after_final=after_final,
