@@ -94,7 +94,7 @@ def test_replay_incomplete_finishes_exactly_the_runs_without_a_final_live_result
     assert finished["frames_done"] == len(scan.frames)
 
 
-def test_replay_with_compile_builds_one_graph_for_the_runs_and_matches_eager(tiled_server, command, capsys):
+def test_replay_with_compile_runs_the_graph_and_matches_eager_replays(tiled_server, command, capsys):
     """``--compile``: the worker's cached predictor runs a frozen graph; its image is eager's within rounding."""
     from bluesky_ptychonn.archive.cluster import load_predictor
 

@@ -39,15 +39,16 @@ class Predictor:
         network 20x slower than float32 on an AVX2-only CPU. bf16 images stay within
         :data:`BF16_TOLERANCE` of float32 (tested).
     compile : bool
-        Run the network as a ``torch.compile`` graph, built here, on a batch of zeros, so that its
+        Run the network as a ``torch.compile`` graph, built here on a batch of zeros, so that its
         cost falls where the model is loaded (a consumer's start, a hot reload's own thread), not
-        on a scan's first frames; batches are padded to ``batch_size`` so one graph serves them all. On a GPU: 2.3x (paper network) and 1.8x
-        (small) the eager forward rate on an H200 at batch 1,024 (`make bench`, ``bench_compile``),
-        after 8-17 s of compilation. On the CPU the graph is frozen (weights folded in as
-        constants, in bf16 where that is the precision, so oneDNN gets them prepacked and fuses
-        each ReLU into its convolution): 1.15-1.2x eager on the 2-core AVX-512 VM, after 10-20 s
-        of compilation (`make bench`, ``bench_inference``), so it pays for long scans only. Should
-        the graph fail to build (no C++ compiler), the network runs eager, with a warning.
+        on a scan's first frames; batches are padded to ``batch_size`` so one graph serves them
+        all. On a GPU: 2.3x (paper network) and 1.8x (small) the eager forward rate on an H200 at
+        batch 1,024 (`make bench`, ``bench_compile``), after 8-17 s of compilation. On the CPU the
+        graph is frozen (weights folded in as constants, in bf16 where that is the precision, so
+        oneDNN gets them prepacked and fuses each ReLU into its convolution): 1.15-1.2x eager on
+        the 2-core AVX-512 VM after 10-20 s of compilation (``bench_inference``), so it pays for
+        long sessions, not for one short scan. Should the graph fail to build (no C++ compiler),
+        the network runs eager, with a warning.
 
     Notes
     -----
@@ -123,7 +124,7 @@ class Predictor:
         if self.device.type == "cuda":
             return torch.compile(self.model, dynamic=False)
         # Frozen weights must not be cast at every call, as autocast does: the graph holds a bf16
-        # copy and takes bf16 inputs (see _forward).
+        # copy and takes bf16 inputs (see _network).
         weights = copy.deepcopy(self.model).to(torch.bfloat16) if self.bf16 else self.model
         return torch.compile(weights, dynamic=False, options={"freezing": True})
 
