@@ -102,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compile",
         action="store_true",
         help="run the network as a torch.compile graph, built once per process as it loads the model "
-        "(10-20 s on a CPU, then 1.15-1.2x; pays for many or long runs)",
+        "(7-20 s on a CPU, then 1.06-1.2x; pays for many or long runs)",
     )
     p.add_argument(
         "--refine", action="store_true", help="then refine each run with pty-chi from its new image (see `refine`)"

@@ -45,8 +45,8 @@ class Predictor:
         all. On a GPU: 2.3x (paper network) and 1.8x (small) the eager forward rate on an H200 at
         batch 1,024 (`make bench`, ``bench_compile``), after 8-17 s of compilation. On the CPU the
         graph is frozen (weights folded in as constants, in bf16 where that is the precision, so
-        oneDNN gets them prepacked and fuses each ReLU into its convolution): 1.15-1.2x eager on
-        the 2-core AVX-512 VM after 10-20 s of compilation (``bench_inference``), so it pays for
+        oneDNN gets them prepacked and fuses each ReLU into its convolution): 1.06-1.2x eager on
+        the 2-core AVX-512 VM after 7-20 s of compilation (``bench_inference``), so it pays for
         long sessions, not for one short scan. Should the graph fail to build (no C++ compiler),
         the network runs eager, with a warning.
 
