@@ -2,7 +2,7 @@
 
 The file (see ``callbacks/ptychonn.toml``)::
 
-    [model]     checkpoint = "...", device = "auto", reload_interval_s = 10
+    [model]     checkpoint = "...", device = "auto", compile = false, reload_interval_s = 10
     [tiled]     uri = "http://127.0.0.1:8000", api_key_env = "TILED_API_KEY"
     [zmq]       address = "tcp://127.0.0.1:5578", publish_address = "tcp://127.0.0.1:5577"
     [callback]  data_roots = ["/data"], frames_key = "diffraction", ...  (CallbackConfig)
