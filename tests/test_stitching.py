@@ -116,3 +116,47 @@ def test_stitching_on_a_torch_device_matches_the_host(device):
         np.testing.assert_allclose(getattr(dev, key), getattr(host, key), atol=2e-5, equal_nan=True)
         np.testing.assert_allclose(getattr(dev_block, key), getattr(host_block, key), atol=2e-5, equal_nan=True)
     assert dev_block.offset == host_block.offset
+
+
+def _reference(grid, n, amplitude, phase, positions, window):
+    """Independent float64 stitching, one frame and one bilinear shift at a time."""
+    amp, phasor, weight = (np.zeros(grid.shape, dtype) for dtype in (float, complex, float))
+    for corner, a, p in zip(grid.patch_corners(positions, n), amplitude, phase):
+        iy, ix = np.floor(corner).astype(int)
+        fy, fx = corner - (iy, ix)
+        for dy, wy in ((0, 1 - fy), (1, fy)):
+            for dx, wx in ((0, 1 - fx), (1, fx)):
+                box = (slice(iy + dy, iy + dy + n), slice(ix + dx, ix + dx + n))
+                w = wy * wx * window.astype(float)
+                amp[box] += w * a
+                phasor[box] += w * np.exp(1j * p.astype(float))
+                weight[box] += w
+    covered = weight > 0
+    return np.where(covered, amp / np.where(covered, weight, 1), 0), phasor, weight
+
+
+@pytest.mark.parametrize("device", [None, "cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_single_precision_sums_stay_within_float32_rounding_of_a_float64_reference(device):
+    """The grids are float32 (half the memory): dense overlap over many batches moves nothing beyond 1e-5."""
+    if device == "cuda" and not pytest.importorskip("torch").cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    rng = np.random.default_rng(5)
+    n, grid = 16, ObjectGrid(shape=(60, 60), origin_m=(0.0, 0.0), pixel_size_m=1e-8)
+    positions = rng.uniform(10e-8, 50e-8, size=(600, 2))  # each covered pixel under ~40 patches
+    amplitude = rng.uniform(0.2, 2.0, (600, n, n)).astype(np.float32)
+    phase = rng.uniform(-3, 3, (600, n, n)).astype(np.float32)
+    window = patch_window(n)
+    stitcher = PatchStitcher(grid, n, window, device=device)
+    for part in np.array_split(np.arange(600), 40):
+        stitcher.add(amplitude[part], phase[part], positions[part])
+    image = stitcher.snapshot()
+    ref_amp, ref_phasor, ref_weight = _reference(grid, n, amplitude, phase, positions, window)
+    inner = ref_weight > 1e-3 * ref_weight.max()
+    assert ref_weight.max() > 10  # the overlap is dense
+    np.testing.assert_allclose(image.weight, ref_weight, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(image.amplitude[inner], ref_amp[inner], rtol=1e-5)
+    # The phase of a mean of random phasors is ill-defined where they cancel; compare where they do not.
+    strong = inner & (np.abs(ref_phasor) > 0.05 * ref_weight)
+    assert strong.sum() > 1000
+    wrapped = np.angle(np.exp(1j * image.phase) * np.conj(ref_phasor))[strong]
+    assert np.abs(wrapped).max() < 1e-4

@@ -94,12 +94,16 @@ class PatchStitcher:
         self.trust_window = None if trust_window is None else self._checked(trust_window)
         # On a torch device (a GPU) the sums live there, beside the predictions: no host round trip per batch.
         self.device = device
+        # Single precision: a pixel sums only the patches that overlap it (tens, not the scan's
+        # frames), so float32 rounding stays near 1e-6 of the value (tested against a float64
+        # reference), while the five grids take half the memory: 56 against 113 MB for the
+        # 1,225 x 1,922 grid of a 100,000-frame scan.
         zeros = _zeros_on(device, grid.shape)
-        self._amp = zeros(np.float64)
-        self._phasor = zeros(np.complex128)
-        self._weight = zeros(np.float64)
-        self._trust = zeros(np.float64) if trust_window is not None else None
-        self._trust_weight = zeros(np.float64)
+        self._amp = zeros(np.float32)
+        self._phasor = zeros(np.complex64)
+        self._weight = zeros(np.float32)
+        self._trust = zeros(np.float32) if trust_window is not None else None
+        self._trust_weight = zeros(np.float32)
         self._changed: tuple[int, int, int, int] | None = None
         self.frames = 0
 
@@ -246,7 +250,7 @@ def _splat_add_torch(
     """The torch device's :func:`_splat_add`: every grid's patches (a complex one as two channels) in one stack.
 
     The stack goes to its four bilinear shifts with four fused multiply-adds and into a float32
-    box with one ``index_add_``; the box is then added to the float64 grids. On the 2-core CPU
+    box with one ``index_add_``; the box is then added to the grids. On the 2-core CPU
     43 against 77-82 us a frame for a separable spread and a float64 scatter per grid (a depthwise
     2x2 convolution took 72-95). Summing one batch in float32 moves the result by float32 rounding
     only (tested against the host path).
