@@ -1,4 +1,5 @@
-"""OpenMP thread teams: the live engine's inference thread is the only one with a team while it runs.
+"""OpenMP thread teams: the live engine's inference thread is the only one with a team while it runs,
+and it runs with its workers at a lower priority than the rest.
 
 libgomp slows every team's workers once all of them together outnumber the CPUs
 (:func:`~bluesky_ptychonn.core.host_runtime.release_openmp_team`). Each check runs in a fresh
@@ -108,3 +109,49 @@ def test_while_a_live_reconstruction_runs_only_its_inference_thread_has_a_team()
     # +2 for the worker and the publisher; the worker's team (+1) replaces the caller's (-1), and
     # the publisher, which snapshots CPU sums through numpy, starts none.
     assert during == before + 2, (before, during)
+
+
+def test_the_inference_thread_and_its_workers_yield_the_cores_and_nothing_else_does():
+    out = _run(
+        """
+        import threading
+        from bluesky_ptychonn.core.base_model import base_model_path
+        from bluesky_ptychonn.core.engine import LiveOptions, LiveReconstruction
+        from bluesky_ptychonn.core.geometry import ObjectGrid
+        from bluesky_ptychonn.core.inference import Predictor
+        from bluesky_ptychonn.sim.physics import simulate_scan
+
+        def nice_values():  # field 19 of each thread's stat
+            out = []
+            for tid in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{tid}/stat") as stat:
+                    out.append(int(stat.read().rsplit(")", 1)[1].split()[16]))
+            return sorted(out)
+
+        predictor = Predictor.from_checkpoint(base_model_path(), device="cpu", precision="float32")
+        scan = simulate_scan(scan_shape=(16, 16))
+        grid = ObjectGrid.covering(
+            scan.positions_m, predictor.info.recipe.pixel_size_m(scan.geometry), predictor.patch_pixels
+        )
+
+        class Recording:  # a sink that records every thread's nice value at each publish
+            def __init__(self):
+                self.seen = []
+
+            def publish(self, image, metadata):
+                self.seen.append((os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), nice_values()))
+
+        sink = Recording()
+        live = LiveReconstruction(predictor, grid, sink, {"raw_uid": "nice"}, LiveOptions(publish_interval_s=0.05))
+        live.submit(scan.frame_ids, scan.frames, scan.positions_m)
+        live.finish()
+        live.wait()
+        publisher = max(own for own, _ in sink.seen)
+        niced = max(values.count(10) for _, values in sink.seen)  # while the worker ran
+        others = max(len(values) - values.count(0) - values.count(10) for _, values in sink.seen)
+        print(os.getpriority(os.PRIO_PROCESS, 0), publisher, niced, others)
+        """
+    )
+    # The worker and the OpenMP worker it started (two torch threads) at +10; the caller, the
+    # publisher and every other thread stay at 0.
+    assert out.split() == ["0", "0", "2", "0"], out

@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import PositionError
 from .consistency import FrameConsistency, live_trust
 from .geometry import ObjectGrid
-from .host_runtime import heap_trim, release_openmp_team
+from .host_runtime import heap_trim, lower_thread_priority, release_openmp_team
 from .live_options import LiveOptions
 from .preprocess import bad_frames, malformed_submission
 from .publishing import Publishing
@@ -255,6 +255,7 @@ class LiveReconstruction(Publishing):
         return items, stop
 
     def _work(self) -> None:
+        lower_thread_priority(self.options.worker_nice)
         trimmed = time.monotonic()
         while True:
             items, stop = self._next_batch()

@@ -7,6 +7,9 @@ Both are reached through ``ctypes`` and both hooks are optional: where the runti
 from __future__ import annotations
 
 import ctypes
+import os
+import sys
+import threading
 from collections.abc import Callable
 
 #: ``omp_pause_soft`` of the OpenMP 5.0 API: the calling thread's idle workers exit; the next
@@ -70,3 +73,22 @@ def release_openmp_team() -> bool:
     """
     pause = _omp_pause()
     return pause is not None and pause(OMP_PAUSE_SOFT) == 0
+
+
+def lower_thread_priority(increment: int) -> bool:
+    """Raise the calling thread's nice value by ``increment``; the OpenMP workers it starts later inherit it.
+
+    On Linux a nice value belongs to one thread, so the inference thread can yield the cores to
+    the scan's own threads (the RunEngine, the detector, TiledWriter) and to the Tiled server,
+    while taking every cycle they leave. An unprivileged thread cannot lower it again; the
+    engine's worker thread ends with its run. Returns False where nothing was changed (another
+    OS, ``increment`` 0, or refused).
+    """
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return False
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except OSError:
+        return False
+    return True
