@@ -121,7 +121,7 @@ def test_stitching_on_a_torch_device_matches_the_host(device):
 def _reference(grid, n, amplitude, phase, positions, window):
     """Independent float64 stitching, one frame and one bilinear shift at a time."""
     amp, phasor, weight = (np.zeros(grid.shape, dtype) for dtype in (float, complex, float))
-    for corner, a, p in zip(grid.patch_corners(positions, n), amplitude, phase):
+    for corner, a, p in zip(grid.patch_corners(positions, n), amplitude, phase, strict=True):
         iy, ix = np.floor(corner).astype(int)
         fy, fx = corner - (iy, ix)
         for dy, wy in ((0, 1 - fy), (1, fy)):
