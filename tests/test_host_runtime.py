@@ -142,16 +142,18 @@ def test_the_inference_thread_and_its_workers_yield_the_cores_and_nothing_else_d
                 self.seen.append((os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), nice_values()))
 
         sink = Recording()
+        BASE = os.getpriority(os.PRIO_PROCESS, 0)
         live = LiveReconstruction(predictor, grid, sink, {"raw_uid": "nice"}, LiveOptions(publish_interval_s=0.05))
         live.submit(scan.frame_ids, scan.frames, scan.positions_m)
         live.finish()
         live.wait()
+        base, lowered = BASE, min(19, BASE + 10)  # the test may itself run under nice
         publisher = max(own for own, _ in sink.seen)
-        niced = max(values.count(10) for _, values in sink.seen)  # while the worker ran
-        others = max(len(values) - values.count(0) - values.count(10) for _, values in sink.seen)
-        print(os.getpriority(os.PRIO_PROCESS, 0), publisher, niced, others)
+        niced = max(values.count(lowered) for _, values in sink.seen)  # while the worker ran
+        others = max(len(values) - values.count(base) - values.count(lowered) for _, values in sink.seen)
+        print(os.getpriority(os.PRIO_PROCESS, 0) - base, publisher - base, niced, others)
         """
     )
     # The worker and the OpenMP worker it started (two torch threads) at +10; the caller, the
-    # publisher and every other thread stay at 0.
+    # publisher and every other thread stay where they were.
     assert out.split() == ["0", "0", "2", "0"], out

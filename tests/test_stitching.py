@@ -142,7 +142,7 @@ def test_single_precision_sums_stay_within_float32_rounding_of_a_float64_referen
         pytest.skip("needs a CUDA device")
     rng = np.random.default_rng(5)
     n, grid = 16, ObjectGrid(shape=(60, 60), origin_m=(0.0, 0.0), pixel_size_m=1e-8)
-    positions = rng.uniform(10e-8, 50e-8, size=(600, 2))  # each covered pixel under ~40 patches
+    positions = rng.uniform(10e-8, 50e-8, size=(600, 2))  # about 50 patches over each pixel
     amplitude = rng.uniform(0.2, 2.0, (600, n, n)).astype(np.float32)
     phase = rng.uniform(-3, 3, (600, n, n)).astype(np.float32)
     window = patch_window(n)
