@@ -102,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compile",
         action="store_true",
         help="run the network as a torch.compile graph, built once per process as it loads the model "
-        "(7-20 s on a CPU, then 1.06-1.2x; pays for many or long runs)",
+        "(seconds to build, then faster: pays for many or long runs; figures in the README)",
     )
     p.add_argument(
         "--refine", action="store_true", help="then refine each run with pty-chi from its new image (see `refine`)"

@@ -46,7 +46,7 @@ class Predictor:
         batch 1,024 (`make bench`, ``bench_compile``), after 8-17 s of compilation. On the CPU the
         graph is frozen (weights folded in as constants, in bf16 where that is the precision, so
         oneDNN gets them prepacked and fuses each ReLU into its convolution): 1.06-1.2x eager on
-        the 2-core AVX-512 VM after 7-20 s of compilation (``bench_inference``), so it pays for
+        the 2-core AVX-512 VM after 7-21 s of compilation (``bench_inference``), so it pays for
         long sessions, not for one short scan. Should the graph fail to build (no C++ compiler),
         the network runs eager, with a warning.
 

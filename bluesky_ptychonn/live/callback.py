@@ -123,7 +123,7 @@ class PtychoNNCallback:
             ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         compile : bool
             Run the network as a compiled graph, built here (see
-            :class:`~bluesky_ptychonn.core.inference.Predictor`): 7-20 s once, then every run of the
+            :class:`~bluesky_ptychonn.core.inference.Predictor`): seconds once, then every run of the
             session is faster.
         after_final : callable, optional
             See the class.

@@ -57,7 +57,7 @@ class ModelSection(Frozen):
         False,
         description=(
             "Run the network as a torch.compile graph, built when the model loads (a hot reload "
-            "included): about 2x on a GPU, 1.06-1.2x on an AVX-512 CPU after 7-20 s of compilation."
+            "included): seconds to build, then faster (see core.inference.Predictor)."
         ),
     )
     reload_interval_s: float = Field(10.0, ge=0, description="How often to look for a new checkpoint; 0 never.")
