@@ -6,6 +6,9 @@ takes seconds.
 """
 
 import json
+import os
+import sys
+import time
 import uuid
 
 import numpy as np
@@ -222,6 +225,76 @@ def test_runs_are_refined_automatically_after_their_final_live_image(tiled_serve
     arrays, stored = _refined(tiled_server.client, uid)
     assert stored["status"] == "complete" and stored["epochs"] == 3 and arrays["amplitude"].any()
     assert stored["seed"]["source"] == "ptychonn"
+
+
+def _nice_of_tasks(pid):
+    """Nice value (field 19 of stat) of each thread of process ``pid`` that is still there."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                out.append(int(stat.read().rsplit(")", 1)[1].split()[16]))
+        except OSError:  # the thread ended between the listing and the read
+            pass
+    return out
+
+
+def _child_while_running(worker, client, uid, timeout=120):
+    """The worker's child once its result says ``running`` (planned, pty-chi started), or None if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        child = worker.child
+        try:
+            status = client["processed"][uid]["refined"].metadata.get("status")
+        except KeyError:
+            status = None
+        if child is not None and status == "running":
+            return child
+        if uid in worker.results:
+            return None
+        time.sleep(0.05)
+    raise AssertionError("the refinement did not start")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice values of threads: Linux")
+def test_the_refinement_runs_in_a_child_process_whose_threads_all_yield(tiled_server, run_engine, devices):
+    (uid,) = run_engine(_scan(devices))
+    long = FEW.model_copy(update={"epochs": 400, "stop_tolerance": None})  # long enough to be watched
+    worker = RefineWorker(tiled_server.client, options=long, seed="flat", poll_s=0.05)
+    try:
+        worker.submit(uid)
+        child = _child_while_running(worker, tiled_server.client, uid)
+        assert child is not None, worker.results
+        seen = _nice_of_tasks(child.pid)
+        thread = os.getpriority(os.PRIO_PROCESS, worker._thread.native_id)
+        key = tiled_server.client.context.api_key
+        assert key and not any(key in arg for arg in child.args)  # the key goes in the environment
+        child.kill()  # the rest of the epochs are not needed
+        assert worker.wait(60)
+    finally:
+        worker.close(60)
+    # Every thread of the child (pty-chi's, torch's OpenMP workers) at +19, the cap; the worker's own
+    # thread in this process, which only waits, left where the process is.
+    assert len(seen) >= 2 and set(seen) == {19}, seen
+    assert thread == os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def test_a_refinement_process_that_dies_leaves_a_failed_result_not_a_running_one(tiled_server, run_engine, devices):
+    (uid,) = run_engine(_scan(devices))
+    long = FEW.model_copy(update={"epochs": 400, "stop_tolerance": None})
+    worker = RefineWorker(tiled_server.client, options=long, seed="flat", poll_s=0.05)
+    try:
+        worker.submit(uid)
+        child = _child_while_running(worker, tiled_server.client, uid)
+        assert child is not None, worker.results
+        child.kill()  # as the kernel's OOM killer would
+        assert worker.wait(60)
+    finally:
+        worker.close(60)
+    assert worker.results[uid]["status"] == "failed"
+    assert "exited with status -9" in worker.results[uid]["errors"][0]
+    _, stored = _refined(tiled_server.client, uid)
+    assert stored["status"] == "failed" and "exited with status -9" in stored["errors"][0]
 
 
 def test_the_worker_records_a_run_that_never_arrives(tiled_server):

@@ -44,7 +44,10 @@ def consume(args: argparse.Namespace) -> None:
     from ..archive.refine_worker import RefineWorker
 
     worker = RefineWorker(
-        tiled_client(config.tiled), options=config.refine.options(), run_timeout_s=config.refine.run_timeout_s
+        tiled_client(config.tiled),
+        options=config.refine.options(),
+        run_timeout_s=config.refine.run_timeout_s,
+        nice=config.refine.nice,
     )
     try:
         run_until_signalled(Consumer(config, build_callback(config, after_final=worker.submit)))

@@ -129,9 +129,10 @@ class ZmqSection(Frozen):
 class RefineSection(Frozen):
     """``[refine]``: after each run's live image is final, refine it with pty-chi seeded by that image.
 
-    The refinement runs on one background thread of the consumer and writes
-    ``processed/<uid>/refined``; it never delays the live images of the next runs' inference
-    beyond sharing the machine. Defaults are those of :data:`~bluesky_ptychonn.core.refine.REFINE_OPTIONS`.
+    One run at a time, each in a child process of the consumer at a lowered priority, which writes
+    ``processed/<uid>/refined``: the next runs' live images come first (see
+    :class:`~bluesky_ptychonn.archive.refine_worker.RefineWorker`). Defaults are those of
+    :data:`~bluesky_ptychonn.core.refine.REFINE_OPTIONS`.
     """
 
     enabled: bool = Field(False, description="Refine every run automatically (needs a [tiled] section).")
@@ -147,6 +148,15 @@ class RefineSection(Frozen):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where pty-chi computes.")
     run_timeout_s: float = Field(
         RUN_ARRIVAL_TIMEOUT_S, ge=0, description="Longest wait for the raw run's stop document to reach Tiled."
+    )
+    nice: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description=(
+            "Added to the refinement process's nice value (Linux), so that live inference and the scan come "
+            "first; 0 leaves it alone."
+        ),
     )
 
     def options(self) -> IterativeOptions:
