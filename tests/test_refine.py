@@ -279,7 +279,13 @@ def test_the_refinement_runs_in_a_child_process_whose_threads_all_yield(tiled_se
     assert thread == os.getpriority(os.PRIO_PROCESS, 0)
 
 
-def test_a_refinement_process_that_dies_leaves_a_failed_result_not_a_running_one(tiled_server, run_engine, devices):
+@pytest.mark.parametrize(
+    ("stop", "why"),
+    [("kill", "exited with status -9"), ("terminate", "interrupted")],  # the OOM killer; a service manager
+)
+def test_a_refinement_process_that_is_stopped_leaves_a_failed_result_not_a_running_one(
+    tiled_server, run_engine, devices, stop, why
+):
     (uid,) = run_engine(_scan(devices))
     long = FEW.model_copy(update={"epochs": 400, "stop_tolerance": None})
     worker = RefineWorker(tiled_server.client, options=long, seed="flat", poll_s=0.05)
@@ -287,14 +293,13 @@ def test_a_refinement_process_that_dies_leaves_a_failed_result_not_a_running_one
         worker.submit(uid)
         child = _child_while_running(worker, tiled_server.client, uid)
         assert child is not None, worker.results
-        child.kill()  # as the kernel's OOM killer would
+        getattr(child, stop)()
         assert worker.wait(60)
     finally:
         worker.close(60)
-    assert worker.results[uid]["status"] == "failed"
-    assert "exited with status -9" in worker.results[uid]["errors"][0]
+    assert worker.results[uid]["status"] == "failed" and why in worker.results[uid]["errors"][0]
     _, stored = _refined(tiled_server.client, uid)
-    assert stored["status"] == "failed" and "exited with status -9" in stored["errors"][0]
+    assert stored["status"] == "failed" and why in stored["errors"][0]
 
 
 def test_the_worker_records_a_run_that_never_arrives(tiled_server):

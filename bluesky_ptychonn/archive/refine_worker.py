@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.refine import RUN_ARRIVAL_TIMEOUT_S
 from ..errors import ConfigurationError, RunError
-from ..tiled_paths import RAW
+from ..tiled_paths import RAW, REFINED, processed_path
 from .refine import SeedSource, execute_refinement, plan_refinement, record_refine_failure
 
 if TYPE_CHECKING:
@@ -54,8 +55,9 @@ class RefineWorker:
     on the worker's thread, 1.1-1.6 s in a child at nice +19, and 1.0-1.1 s with no refinement;
     the refinement took 37-39 s, then 44-46 s (three, three and two runs in alternation,
     ``benchmarks/results/ab-refine-nice/``). A child that is not niced outweighs the engine's
-    inference thread (nice +10): the median was 16 s. A child outlives a consumer stopped with
-    SIGTERM, finishes its run and records it; Ctrl-C reaches it too, and it records ``failed``.
+    inference thread (nice +10): the median was 16 s. A child stopped with SIGINT or SIGTERM (Ctrl-C
+    at the consumer's terminal, a service manager stopping the consumer's group) records
+    ``failed``, "interrupted"; one whose consumer alone is stopped finishes its run and records it.
 
     Parameters
     ----------
@@ -180,9 +182,20 @@ class RefineWorker:
             if outcome["status"] == "failed":
                 logger.error("run %s: refinement failed: %s", uid, "; ".join(outcome.get("errors", [])))
             return outcome
-        # The child died before it could say how it ended (killed, out of memory): its result may say running.
+        # The child ended without an outcome: stopped (it recorded why) or killed (its result may say running).
+        stored = self._stored(uid)
+        if stored.get("status") == "failed":
+            logger.error("run %s: refinement failed: %s", uid, "; ".join(stored.get("errors", [])))
+            return stored
         tail = " | ".join(said.strip().splitlines()[-3:])
         return self._failed(uid, f"the refinement process exited with status {code} ({tail or 'no output'})", "failed")
+
+    def _stored(self, uid: str) -> dict[str, Any]:
+        """The refined result's metadata as Tiled has it now, or nothing."""
+        try:
+            return dict(self.client[processed_path(uid, REFINED)].metadata)
+        except Exception:  # absent, or Tiled down: the caller records what it can
+            return {}
 
     def _failed(self, uid: str, message: str, what: str) -> dict[str, Any]:
         logger.error("run %s: refinement %s: %s", uid, what, message)
@@ -234,12 +247,13 @@ def _refine_in_child(job: dict[str, Any]) -> dict[str, Any]:
         return execute_refinement(plan, client, progress=False)
     except Exception as err:  # already recorded in the result by execute_refinement
         return {"raw_uid": uid, "status": "failed", "errors": [f"{err!r}"]}
-    except KeyboardInterrupt:  # Ctrl-C at the consumer's terminal reaches its children too
+    except KeyboardInterrupt:  # SIGINT or SIGTERM: Ctrl-C at the consumer's terminal, a service manager's stop
         record_refine_failure(client, uid, "interrupted")
         raise
 
 
 def _main() -> int:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: the result says so
     job = json.loads(sys.stdin.read())
     outcome = _refine_in_child(job)
     print(json.dumps(outcome, default=lambda value: value.item() if hasattr(value, "item") else str(value)))
