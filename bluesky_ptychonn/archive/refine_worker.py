@@ -157,6 +157,7 @@ class RefineWorker:
         # Niced from its start: numpy's BLAS starts its threads as it is imported, and each thread
         # keeps the nice it was born with. -P: nothing in the consumer's working folder shadows a module.
         nice = shutil.which("nice") if self.nice and sys.platform.startswith("linux") else None
+        launched = time.time()
         try:
             self.child = subprocess.Popen(
                 [*([nice, "-n", str(self.nice)] if nice else []), sys.executable, "-P", "-m", __name__],
@@ -182,10 +183,12 @@ class RefineWorker:
             if outcome["status"] == "failed":
                 logger.error("run %s: refinement failed: %s", uid, "; ".join(outcome.get("errors", [])))
             return outcome
-        # The child ended without an outcome: stopped (it recorded why) or killed (its result may say running).
+        # No outcome on its stdout: stopped (it recorded why), killed (its result may say running),
+        # or it ended without a word. What it wrote in Tiled decides, if it wrote anything.
         stored = self._stored(uid)
-        if stored.get("status") == "failed":
-            logger.error("run %s: refinement failed: %s", uid, "; ".join(stored.get("errors", [])))
+        if stored.get("status") in ("complete", "failed") and stored.get("updated", 0) >= launched:
+            if stored["status"] == "failed":
+                logger.error("run %s: refinement failed: %s", uid, "; ".join(stored.get("errors", [])))
             return stored
         tail = " | ".join(said.strip().splitlines()[-3:])
         return self._failed(uid, f"the refinement process exited with status {code} ({tail or 'no output'})", "failed")
