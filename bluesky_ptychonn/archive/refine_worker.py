@@ -259,7 +259,8 @@ def _main() -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: the result says so
     job = json.loads(sys.stdin.read())
     outcome = _refine_in_child(job)
-    print(json.dumps(outcome, default=lambda value: value.item() if hasattr(value, "item") else str(value)))
+    # On a line of its own, whatever pty-chi or a progress bar left unfinished before it.
+    print("\n" + json.dumps(outcome, default=lambda value: value.item() if hasattr(value, "item") else str(value)))
     return 0 if outcome["status"] == "complete" else 1
 
 
