@@ -214,7 +214,10 @@ def test_a_failed_preview_cannot_seed_and_a_failure_after_the_marker_is_recorded
     assert stored["status"] == "failed" and "CUDA" in stored["errors"][0] and not arrays
 
 
-def test_runs_are_refined_automatically_after_their_final_live_image(tiled_server, run_engine, devices, checkpoint):
+def test_runs_are_refined_automatically_after_their_final_live_image(
+    tiled_server, run_engine, devices, checkpoint, caplog
+):
+    caplog.set_level("INFO", logger="bluesky_ptychonn.archive.refine_worker")
     worker = RefineWorker(tiled_server.client, options=FEW.model_copy(update={"epochs": 3}), poll_s=0.05)
     try:
         uid = _live_run(tiled_server, run_engine, devices, checkpoint, after_final=worker.submit)
@@ -225,6 +228,7 @@ def test_runs_are_refined_automatically_after_their_final_live_image(tiled_serve
     arrays, stored = _refined(tiled_server.client, uid)
     assert stored["status"] == "complete" and stored["epochs"] == 3 and arrays["amplitude"].any()
     assert stored["seed"]["source"] == "ptychonn"
+    assert f"run {uid[:8]}: refined, 3 epochs (stopped by max_epochs)" in caplog.text  # the operator's line
 
 
 def _nice_of_tasks(pid):

@@ -182,6 +182,15 @@ class RefineWorker:
         if isinstance(outcome, dict) and outcome.get("status") in ("complete", "failed"):
             if outcome["status"] == "failed":
                 logger.error("run %s: refinement failed: %s", uid, "; ".join(outcome.get("errors", [])))
+            else:  # one line per run, as the live image has
+                logger.info(
+                    "run %s: refined, %s epochs (stopped by %s), pty-chi %.1f s, %.1f s in all",
+                    uid[:8],
+                    outcome.get("epochs"),
+                    outcome.get("stopped_by"),
+                    outcome.get("seconds") or 0.0,
+                    time.time() - launched,
+                )
             return outcome
         # No outcome on its stdout: stopped (it recorded why), killed (its result may say running),
         # or it ended without a word. What it wrote in Tiled decides, if it wrote anything.
