@@ -306,6 +306,26 @@ def test_a_refinement_process_that_is_stopped_leaves_a_failed_result_not_a_runni
     assert stored["status"] == "failed" and why in stored["errors"][0]
 
 
+def test_interrupting_the_wait_for_the_run_in_progress_stops_the_child_which_says_so(tiled_server, run_engine, devices):
+    import signal
+    import threading
+
+    (uid,) = run_engine(_scan(devices))
+    long = FEW.model_copy(update={"epochs": 400, "stop_tolerance": None})
+    worker = RefineWorker(tiled_server.client, options=long, seed="flat", poll_s=0.05)
+    worker.submit(uid)
+    child = _child_while_running(worker, tiled_server.client, uid)
+    assert child is not None, worker.results
+    assert os.getsid(child.pid) != os.getsid(0)  # a terminal's Ctrl-C reaches the consumer, not the child
+    # The consumer's second Ctrl-C, while it waits in close(): a SIGINT to this process alone.
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        worker.close()
+    assert worker.results[uid]["status"] == "failed"
+    _, stored = _refined(tiled_server.client, uid)
+    assert stored["status"] == "failed" and stored["errors"] == ["interrupted"]
+
+
 def test_the_worker_records_a_run_that_never_arrives(tiled_server):
     missing = str(uuid.uuid4())
     worker = RefineWorker(tiled_server.client, options=FEW, run_timeout_s=0, poll_s=0.01)

@@ -55,9 +55,11 @@ class RefineWorker:
     on the worker's thread, 1.1-1.6 s in a child at nice +19, and 1.0-1.1 s with no refinement;
     the refinement took 37-39 s, then 44-46 s (three, three and two runs in alternation,
     ``benchmarks/results/ab-refine-nice/``). A child that is not niced outweighs the engine's
-    inference thread (nice +10): the median was 16 s. A child stopped with SIGINT or SIGTERM (Ctrl-C
-    at the consumer's terminal, a service manager stopping the consumer's group) records
-    ``failed``, "interrupted"; one whose consumer alone is stopped finishes its run and records it.
+    inference thread (nice +10): the median was 16 s. The child has a session of its own: Ctrl-C at
+    the consumer's terminal reaches the consumer only, which waits for the run in progress
+    (:meth:`close`). A child stopped with SIGTERM or SIGINT (a service manager stopping the
+    consumer's group, a second Ctrl-C through :meth:`close`) records ``failed``, "interrupted"; one
+    whose consumer is killed alone finishes its run and records it.
 
     Parameters
     ----------
@@ -128,10 +130,21 @@ class RefineWorker:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop after the run in progress (queued runs are dropped, and logged); waits up to ``timeout``."""
+        """Stop after the run in progress (queued runs are dropped, and logged); waits up to ``timeout``.
+
+        Interrupted while it waits (a second Ctrl-C), it stops the child, which records its run as
+        ``failed`` ("interrupted"), and raises the interrupt.
+        """
         self._closing.set()
         self._queue.put(None)
-        self._thread.join(timeout)
+        try:
+            self._thread.join(timeout)
+        except KeyboardInterrupt:
+            child = self.child
+            if child is not None:
+                child.terminate()
+                self.wait(30)  # the child records its run, the worker its outcome (an interrupted join may not wait)
+            raise
 
     def _work(self) -> None:
         while (uid := self._queue.get()) is not None:
@@ -166,6 +179,7 @@ class RefineWorker:
                 stderr=subprocess.PIPE,
                 text=True,
                 env=env,
+                start_new_session=True,  # Ctrl-C at the consumer's terminal stops the consumer first (close)
             )
             out, said = self.child.communicate(json.dumps({**self.job, "uid": uid}))
             code = self.child.returncode

@@ -52,5 +52,5 @@ def consume(args: argparse.Namespace) -> None:
     try:
         run_until_signalled(Consumer(config, build_callback(config, after_final=worker.submit)))
     finally:
-        logger.warning("waiting for the refinement in progress, if any (interrupt again to abandon it)")
+        logger.warning("waiting for the refinement in progress, if any (interrupt again to stop it as interrupted)")
         worker.close()
