@@ -52,14 +52,16 @@ class RefineWorker:
     Why a niced process: on a thread, pty-chi's Python holds the interpreter lock between its
     torch calls. On the 2-core benchmark machine a paced live scan (small network, 350 frames/s,
     embedded Tiled) beside the refinement of the run before it had a latency median of 5.8-6.4 s
-    on the worker's thread, 1.1-1.6 s in a child at nice +19, and 1.0-1.1 s with no refinement;
-    the refinement took 37-39 s, then 44-46 s (three, three and two runs in alternation,
-    ``benchmarks/results/ab-refine-nice/``). A child that is not niced outweighs the engine's
-    inference thread (nice +10): the median was 16 s. The child has a session of its own: Ctrl-C at
-    the consumer's terminal reaches the consumer only, which waits for the run in progress
-    (:meth:`close`). A child stopped with SIGTERM or SIGINT (a service manager stopping the
-    consumer's group, a second Ctrl-C through :meth:`close`) records ``failed``, "interrupted"; one
-    whose consumer is killed alone finishes its run and records it.
+    on the worker's thread, 1.1-2.3 s in a child at nice +19 (median of seven runs 1.4 s), and
+    0.8-1.05 s with no refinement; the refinement took 37-39 s, then 44-46 s (runs in
+    alternation, ``benchmarks/results/ab-refine-nice/``). A child that is not niced outweighs the engine's
+    inference thread (nice +10): the median was 16 s; so does a child in a session of its own,
+    whatever its nice, where the kernel schedules sessions as groups (autogroup): 23 s. So the
+    child has a process group of its own in the consumer's session: Ctrl-C at the consumer's
+    terminal reaches the consumer only, which waits for the run in progress (:meth:`close`). A
+    child stopped with SIGTERM or SIGINT (a service manager stopping the consumer's group, a second
+    Ctrl-C through :meth:`close`) records ``failed``, "interrupted"; one whose consumer is killed
+    alone finishes its run and records it.
 
     Parameters
     ----------
@@ -179,7 +181,10 @@ class RefineWorker:
                 stderr=subprocess.PIPE,
                 text=True,
                 env=env,
-                start_new_session=True,  # Ctrl-C at the consumer's terminal stops the consumer first (close)
+                # A process group of its own, so that Ctrl-C at the consumer's terminal reaches the consumer
+                # first (close); in the consumer's session, so that its nice counts: with the kernel's
+                # autogroup scheduling a session of its own shared the cores with the consumer equally.
+                process_group=0,
             )
             out, said = self.child.communicate(json.dumps({**self.job, "uid": uid}))
             code = self.child.returncode
@@ -193,28 +198,27 @@ class RefineWorker:
             outcome = json.loads(out.strip().splitlines()[-1])
         except (IndexError, ValueError):
             outcome = None
-        if isinstance(outcome, dict) and outcome.get("status") in ("complete", "failed"):
-            if outcome["status"] == "failed":
-                logger.error("run %s: refinement failed: %s", uid, "; ".join(outcome.get("errors", [])))
-            else:  # one line per run, as the live image has
-                logger.info(
-                    "run %s: refined, %s epochs (stopped by %s), pty-chi %.1f s, %.1f s in all",
-                    uid[:8],
-                    outcome.get("epochs"),
-                    outcome.get("stopped_by"),
-                    outcome.get("seconds") or 0.0,
-                    time.time() - launched,
-                )
-            return outcome
-        # No outcome on its stdout: stopped (it recorded why), killed (its result may say running),
-        # or it ended without a word. What it wrote in Tiled decides, if it wrote anything.
-        stored = self._stored(uid)
-        if stored.get("status") in ("complete", "failed") and stored.get("updated", 0) >= launched:
-            if stored["status"] == "failed":
-                logger.error("run %s: refinement failed: %s", uid, "; ".join(stored.get("errors", [])))
-            return stored
-        tail = " | ".join(said.strip().splitlines()[-3:])
-        return self._failed(uid, f"the refinement process exited with status {code} ({tail or 'no output'})", "failed")
+        if not (isinstance(outcome, dict) and outcome.get("status") in ("complete", "failed")):
+            # No outcome on its stdout: stopped (it recorded why), killed (its result may say running),
+            # or it ended without a word. What it wrote in Tiled since it started decides, if anything.
+            stored = self._stored(uid)
+            if not (stored.get("status") in ("complete", "failed") and stored.get("updated", 0) >= launched):
+                tail = " | ".join(said.strip().splitlines()[-3:])
+                message = f"the refinement process exited with status {code} ({tail or 'no output'})"
+                return self._failed(uid, message, "failed")
+            outcome = stored
+        if outcome["status"] == "failed":
+            logger.error("run %s: refinement failed: %s", uid, "; ".join(outcome.get("errors", [])))
+        else:  # one line per run, as the live image has
+            logger.info(
+                "run %s: refined, %s epochs (stopped by %s), pty-chi %.1f s, %.1f s in all",
+                uid[:8],
+                outcome.get("epochs"),
+                outcome.get("stopped_by"),
+                outcome.get("seconds") or 0.0,
+                time.time() - launched,
+            )
+        return outcome
 
     def _stored(self, uid: str) -> dict[str, Any]:
         """The refined result's metadata as Tiled has it now, or nothing."""
@@ -273,7 +277,7 @@ def _refine_in_child(job: dict[str, Any]) -> dict[str, Any]:
         return execute_refinement(plan, client, progress=False)
     except Exception as err:  # already recorded in the result by execute_refinement
         return {"raw_uid": uid, "status": "failed", "errors": [f"{err!r}"]}
-    except KeyboardInterrupt:  # SIGINT or SIGTERM: Ctrl-C at the consumer's terminal, a service manager's stop
+    except KeyboardInterrupt:  # SIGTERM (a service manager's stop, an interrupted close()) or SIGINT
         record_refine_failure(client, uid, "interrupted")
         raise
 
