@@ -7,7 +7,9 @@ takes seconds.
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 
@@ -307,9 +309,6 @@ def test_a_refinement_process_that_is_stopped_leaves_a_failed_result_not_a_runni
 
 
 def test_interrupting_the_wait_for_the_run_in_progress_stops_the_child_which_says_so(tiled_server, run_engine, devices):
-    import signal
-    import threading
-
     (uid,) = run_engine(_scan(devices))
     long = FEW.model_copy(update={"epochs": 400, "stop_tolerance": None})
     worker = RefineWorker(tiled_server.client, options=long, seed="flat", poll_s=0.05)
@@ -318,10 +317,15 @@ def test_interrupting_the_wait_for_the_run_in_progress_stops_the_child_which_say
     assert child is not None, worker.results
     assert os.getpgid(child.pid) != os.getpgrp()  # a terminal's Ctrl-C reaches the consumer, not the child
     assert os.getsid(child.pid) == os.getsid(0)  # one session: its nice counts under the kernel's autogroups
-    # The consumer's second Ctrl-C, while it waits in close(): a SIGINT to this process alone.
-    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
-    with pytest.raises(KeyboardInterrupt):
-        worker.close()
+    # The consumer's second Ctrl-C, while it waits in close(): a SIGINT to this process alone, with
+    # Python's own handler (a pytest-xdist worker has its own).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            worker.close()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert worker.results[uid]["status"] == "failed"
     _, stored = _refined(tiled_server.client, uid)
     assert stored["status"] == "failed" and stored["errors"] == ["interrupted"]
