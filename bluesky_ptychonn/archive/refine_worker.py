@@ -53,7 +53,7 @@ class RefineWorker:
     torch calls. On the 2-core benchmark machine a paced live scan (small network, 350 frames/s,
     embedded Tiled) beside the refinement of the run before it had a latency median of 5.8-6.4 s
     on the worker's thread, 1.1-2.3 s in a child at nice +19 (median of seven runs 1.4 s), and
-    0.8-1.05 s with no refinement; the refinement took 37-39 s, then 44-46 s (runs in
+    0.8-1.05 s with no refinement; the refinement took 37-39 s, then 42-46 s (runs in
     alternation, ``benchmarks/results/ab-refine-nice/``). A child that is not niced outweighs the engine's
     inference thread (nice +10): the median was 16 s; so does a child in a session of its own,
     whatever its nice, where the kernel schedules sessions as groups (autogroup): 23 s. So the
