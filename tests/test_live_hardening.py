@@ -252,21 +252,28 @@ def test_many_runs_through_one_callback_are_released(scan, section, predictor):
 
 
 def test_results_left_running_by_a_dead_consumer_are_marked_interrupted_at_start_up(tiled_server):
-    """Was: a SIGKILLed consumer left ``running`` forever; a restarted one now says what happened."""
+    """Was: a SIGKILLed consumer left ``running`` forever (live results, and refined ones until now); a restarted one now says what happened."""
     import uuid
 
     from bluesky_ptychonn.live.lifecycle import mark_stale_results
     from bluesky_ptychonn.live.sink import TiledSink
 
     client = tiled_server.client
-    stale, fresh = uuid.uuid4().hex, uuid.uuid4().hex
+    stale, fresh, refining = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
     TiledSink(client, stale).write_metadata({"status": "running", "updated": time.time() - 3600})
     TiledSink(client, fresh).write_metadata({"status": "running", "updated": time.time()})
+    # A refinement whose process was killed with its consumer, and one still making progress.
+    TiledSink(client, refining, "refined").write_metadata({"status": "running", "updated": time.time() - 3600})
+    TiledSink(client, fresh, "refined").write_metadata({"status": "running", "updated": time.time() - 60})
     marked = mark_stale_results(client)
-    assert stale in marked and fresh not in marked
+    assert sorted(marked) == sorted([stale, refining])
     md = dict(client["processed"][stale]["ptychonn"].metadata)
     assert md["status"] == "interrupted" and f"bluesky-ptychonn replay {stale}" in md["reason"]
     assert client["processed"][fresh]["ptychonn"].metadata["status"] == "running"
+    md = dict(client["processed"][refining]["refined"].metadata)
+    assert md["status"] == "failed" and f"bluesky-ptychonn refine {refining}" in md["errors"][0]
+    assert md["finished"] == md["updated"] > time.time() - 60
+    assert client["processed"][fresh]["refined"].metadata["status"] == "running"
 
 
 def test_interrupt_finishes_open_runs_with_their_partial_image(scan, section, predictor):

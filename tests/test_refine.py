@@ -109,6 +109,36 @@ def test_refine_starts_from_the_live_image_and_writes_the_refined_result(tiled_s
     assert flat["seed"] == {"source": "flat"} and flat["status"] == "complete"
 
 
+def test_a_running_refinement_records_its_progress_so_that_it_never_looks_stale(
+    tiled_server, run_engine, devices, checkpoint, monkeypatch
+):
+    from bluesky_ptychonn.archive import refine
+
+    client = tiled_server.client
+    uid = _live_run(tiled_server, run_engine, devices, checkpoint)
+    monkeypatch.setattr(refine, "HEARTBEAT_S", 0.0)  # a beat after every epoch
+    seen: list[dict] = []
+    worker = threading.Thread(
+        target=refine_run,
+        args=(tiled_server.raw[uid], client),
+        kwargs={"options": FEW.model_copy(update={"epochs": 30})},
+    )
+    worker.start()
+    while worker.is_alive():
+        try:
+            md = dict(client["processed"][uid]["refined"].metadata)
+        except KeyError:  # not marked yet
+            md = {}
+        if md.get("status") == "running" and "epochs_done" in md:
+            seen.append(md)
+        time.sleep(0.02)
+    worker.join()
+    assert seen, "no progress seen while the refinement ran"
+    assert all(0 < md["epochs_done"] <= 30 and md["updated"] > md["started"] for md in seen)
+    _, stored = _refined(client, uid)
+    assert stored["status"] == "complete" and stored["epochs_done"] == stored["epochs"]
+
+
 def test_the_seed_is_the_preview_where_covered_and_free_space_elsewhere():
     grid = ObjectGrid((4, 5), 1e-7, (0.0, 0.0))
     weight = np.zeros(grid.shape, np.float32)
@@ -143,7 +173,8 @@ def test_a_run_without_a_live_result_is_an_error_unless_a_model_can_make_one(
     run = tiled_server.raw[uid]
     with pytest.raises(RunError, match=rf"run {uid} has no live PtychoNN result .*--checkpoint.*flat"):
         refine_run(run, client, options=FEW)
-    assert "refined" not in client["processed"].get(uid, {})  # nothing written before the checks pass
+    # Nothing written before the checks pass (on a fresh server not even the `processed` container).
+    assert "refined" not in (client["processed"].get(uid, {}) if "processed" in client else {})
 
     monkeypatch.setenv("TEST_TILED_KEY", tiled_server.server.api_key)
     common = ["--tiled-uri", tiled_server.server.uri.split("?")[0], "--api-key-env", "TEST_TILED_KEY"]

@@ -25,7 +25,7 @@ from .truth import read_simulation_truth
 
 if TYPE_CHECKING:
     from ..core.geometry import ObjectGrid
-    from ..core.iterative import IterativeOptions, IterativeResult
+    from ..core.iterative import EpochMonitor, IterativeOptions, IterativeResult
 
 
 #: Label sources: the run's stored iterative reconstruction, or its simulation ground truth.
@@ -77,6 +77,7 @@ class RunInputs:
         photons_per_frame: float | None = None,
         initial_object: np.ndarray | None = None,
         progress: bool = False,
+        monitor: EpochMonitor | None = None,
     ) -> IterativeResult:
         """pty-chi on these frames, on ``grid``; ``probe`` and ``photons_per_frame`` override the run's.
 
@@ -100,6 +101,7 @@ class RunInputs:
                 grid=grid,
                 initial_object=initial_object,
                 progress=progress,
+                monitor=monitor,
             )
         except (FrameError, PositionError) as err:
             raise RunError(f"run {self.uid}: {err}") from err

@@ -9,7 +9,10 @@ every reader of ``ptychonn`` reads ``refined`` too.
 
 Failure policy: a refinement that cannot start (no run, no preview, no probe) raises a
 :class:`~bluesky_ptychonn.errors.RunError` and writes nothing; once it starts, a ``running`` marker
-is in Tiled and any failure turns it ``failed`` with the error, never left ``running``.
+is in Tiled and any failure turns it ``failed`` with the error, never left ``running``. While it
+runs, the marker's ``updated`` and ``epochs_done`` move with its epochs (at most every
+:data:`HEARTBEAT_S`); one left behind by a process that was killed goes stale, and the next
+consumer marks it ``failed`` (:func:`~bluesky_ptychonn.live.lifecycle.mark_stale_results`).
 :class:`~bluesky_ptychonn.archive.refine_worker.RefineWorker` refines runs off the RunEngine's path
 and records every failure instead of raising it.
 """
@@ -37,6 +40,10 @@ if TYPE_CHECKING:
     from ..core.stitching import StitchedImage
 
 logger = logging.getLogger(__name__)
+
+#: Longest pause between two progress writes of a running refinement (one after each epoch at most):
+#: a live one stays well inside the stale limit, ten minutes, and a reader sees it advance.
+HEARTBEAT_S = 30.0
 
 #: Where the starting object comes from: the run's PtychoNN result, or free space (pty-chi's own start).
 SeedSource = Literal["ptychonn", "flat"]
@@ -209,6 +216,18 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
     uid, metadata = plan.inputs.uid, dict(plan.metadata)
     sink = TiledSink(client, uid, REFINED, replace=True)
     sink.write_metadata(metadata)  # the marker: readers see a refinement under way, not an old result
+    last_beat = time.monotonic()
+
+    def heartbeat(epoch: int, error: float, _: Any) -> bool:
+        nonlocal last_beat
+        if time.monotonic() - last_beat >= HEARTBEAT_S:
+            last_beat = time.monotonic()
+            try:
+                sink.write_metadata({"updated": time.time(), "epochs_done": epoch})
+            except Exception as err:  # a Tiled hiccup costs a beat, not the refinement
+                logger.warning("run %s: could not record the refinement's progress: %r", uid, err)
+        return False
+
     try:
         result = plan.inputs.reconstruct(
             plan.grid,
@@ -217,6 +236,7 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
             photons_per_frame=plan.photons_per_frame,
             initial_object=plan.initial_object,
             progress=progress,
+            monitor=heartbeat,
         )
         # The refined image gets the preview's trust map, so the two compare on the same statistic.
         trust, scores = object_consistency(
@@ -228,6 +248,7 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
             | scores.summary(),
             status="complete",
             epochs=result.epochs,
+            epochs_done=result.epochs,
             stopped_by=result.stopped_by,
             step_size=result.step_size,
             error_per_epoch=result.error_per_epoch,

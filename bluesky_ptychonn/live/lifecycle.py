@@ -7,7 +7,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..tiled_paths import PROCESSED, PTYCHONN
+from ..tiled_paths import PROCESSED, PTYCHONN, REFINED
 
 if TYPE_CHECKING:
     from .service import Consumer
@@ -38,35 +38,40 @@ def run_until_signalled(consumer: Consumer) -> None:
             signal.signal(sig, handler)
 
 
-#: A ``running`` live result not updated for this long belongs to no live consumer.
+#: A ``running`` live or refined result not updated for this long belongs to no live process.
 STALE_AFTER_S = 600.0
 
 
 def mark_stale_results(client: Any, stale_after_s: float = STALE_AFTER_S) -> list[str]:
-    """Mark live results left ``running`` by a consumer that died (SIGKILL, power) as ``interrupted``.
+    """Mark results left ``running`` by a consumer that died (SIGKILL, power): live ones ``interrupted``, refined ones ``failed``.
 
     A result is stale when its ``updated`` time (or its ``started`` time, for results written
     before results carried one) is older than ``stale_after_s``: a consumer alive publishes
-    well within that. Its partial image stays; the reason names the command that finishes it
-    from the archive. Returns the raw uids marked.
+    well within that, and a refinement records each epoch's progress (at most every 30 s). A live
+    result's partial image stays; each reason names the command that finishes the run from the
+    archive. Returns the raw uids marked.
     """
     if client is None or PROCESSED not in client:
         return []
     marked = []
     now = time.time()
     for uid, results in client[PROCESSED].items():
-        if PTYCHONN not in results:
-            continue
-        node = results[PTYCHONN]
-        md = dict(node.metadata)
-        if md.get("status") != "running" or now - float(md.get("updated") or md.get("started") or 0) < stale_after_s:
-            continue
-        node.update_metadata(
-            {
-                "status": "interrupted",
-                "updated": now,
-                "reason": f"left running by a consumer that stopped; finish it with: bluesky-ptychonn replay {uid}",
-            }
-        )
-        marked.append(uid)
+        for name, command in ((PTYCHONN, "replay"), (REFINED, "refine")):
+            if name not in results:
+                continue
+            node = results[name]
+            md = dict(node.metadata)
+            if (
+                md.get("status") != "running"
+                or now - float(md.get("updated") or md.get("started") or 0) < stale_after_s
+            ):
+                continue
+            reason = f"left running by a consumer that stopped; finish it with: bluesky-ptychonn {command} {uid}"
+            if name == PTYCHONN:  # its partial image stays
+                fate = {"status": "interrupted", "reason": reason}
+            else:  # as any failed refinement records it: a list of errors
+                fate = {"status": "failed", "errors": [reason], "finished": now}
+            node.update_metadata({**fate, "updated": now})
+            if uid not in marked:
+                marked.append(uid)
     return marked
