@@ -252,7 +252,7 @@ def test_many_runs_through_one_callback_are_released(scan, section, predictor):
 
 
 def test_results_left_running_by_a_dead_consumer_are_marked_interrupted_at_start_up(tiled_server):
-    """Was: a SIGKILLed consumer left ``running`` forever (live results, and refined ones until now); a restarted one now says what happened."""
+    """Was: a SIGKILLed consumer left ``running`` forever (refined ones too); a restarted one says what happened."""
     import uuid
 
     from bluesky_ptychonn.live.lifecycle import mark_stale_results

@@ -43,7 +43,7 @@ STALE_AFTER_S = 600.0
 
 
 def mark_stale_results(client: Any, stale_after_s: float = STALE_AFTER_S) -> list[str]:
-    """Mark results left ``running`` by a consumer that died (SIGKILL, power): live ones ``interrupted``, refined ones ``failed``.
+    """Mark results left ``running`` by a consumer that died (SIGKILL, power): live ``interrupted``, refined ``failed``.
 
     A result is stale when its ``updated`` time (or its ``started`` time, for results written
     before results carried one) is older than ``stale_after_s``: a consumer alive publishes
