@@ -72,7 +72,8 @@ def test_partial_coverage_grows_in_tiled(server, scan, predictor):
     sink.publish = lambda image, md: (sent.append((image.weight.shape, image.offset)), publish(image, md))
     live = LiveReconstruction(predictor, scan.grid, sink, {"raw_uid": "run-b"}, slow)
     # Prepared before any frame: the result and its empty arrays, so the first image is only a patch.
-    _wait_until(lambda: "weight" in client["processed"].get("run-b", {}).get("ptychonn", {}))
+    # (`processed` itself is made by the first result on a fresh server: the engine's thread may not have yet.)
+    _wait_until(lambda: "processed" in client and "weight" in client["processed"].get("run-b", {}).get("ptychonn", {}))
     empty, md = _read(client, "run-b")
     assert md["status"] == "running" and not empty["weight"].any() and empty["weight"].shape == scan.grid.shape
     rows = np.argsort(scan.positions_m[:, 0], kind="stable")

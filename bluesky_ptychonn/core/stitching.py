@@ -138,21 +138,43 @@ class PatchStitcher:
                 f"got trust values {None if trust is None else np.shape(trust)} for {len(amplitude)} patches"
             )
         corners = self.grid.patch_corners(positions_m, self.n)
-        on = _to(self.device)
-        window = on(self.window)
-        if self.device is None:
-            phasor = on(np.exp(1j * phase)) * window
-        else:
-            from .physics_loss import polar
-
-            phasor = polar(window, on(phase))
-        sums = [(self._amp, on(amplitude) * window), (self._phasor, phasor), (self._weight, window)]
+        if self.device is not None:
+            self._mark(self._add_on_device(amplitude, phase, corners, trust))
+            self.frames += len(amplitude)
+            return
+        window = self.window
+        sums = [(self._amp, amplitude * window), (self._phasor, np.exp(1j * phase) * window), (self._weight, window)]
         if self._trust is not None and self.trust_window is not None and trust is not None:
-            trust_window = on(self.trust_window)
-            weighted = on(trust)[:, None, None] * trust_window
-            sums += [(self._trust, weighted), (self._trust_weight, trust_window)]
-        self._mark(_splat_add(sums, corners, self.n, self.device))
+            weighted = np.asarray(trust)[:, None, None] * self.trust_window
+            sums += [(self._trust, weighted), (self._trust_weight, self.trust_window)]
+        self._mark(_splat_add(sums, corners, self.n))
         self.frames += len(amplitude)
+
+    def _add_on_device(self, amplitude: Any, phase: Any, corners: np.ndarray, trust: Any) -> tuple[int, int, int, int]:
+        """:meth:`add` on a torch device: every grid's patches written into one (C, N, n, n) stack, then splatted.
+
+        The channels are amplitude, the phasor's real and imaginary parts and the weight (and the
+        trust value and its weight), each computed straight into its place in the stack: no
+        complex intermediate, no copy to stack them.
+        """
+        torch = _torch()
+        on = _to(self.device)
+        amplitude, phase = on(amplitude).float(), on(phase).float()
+        count, n = len(amplitude), self.n
+        window = on(self.window)
+        grids = [self._amp, self._phasor, self._weight]
+        if self._trust is not None:
+            grids += [self._trust, self._trust_weight]
+        stack = amplitude.new_empty((len(grids) + 1, count, n, n))
+        torch.mul(amplitude, window, out=stack[0])
+        torch.cos(phase, out=stack[1]).mul_(window)
+        torch.sin(phase, out=stack[2]).mul_(window)
+        stack[3].copy_(window.expand(count, n, n))
+        if self._trust is not None:  # and so a trust window and values (checked by add)
+            trust_window = on(self.trust_window)
+            torch.mul(on(trust).float()[:, None, None], trust_window, out=stack[4])
+            stack[5].copy_(trust_window.expand(count, n, n))
+        return _splat_add_torch(grids, stack, corners)
 
     def _mark(self, block: tuple[int, int, int, int]) -> None:
         """Grow the changed region (y0, y1, x0, x1) since the last :meth:`take_changed` by ``block``."""
@@ -204,31 +226,38 @@ class PatchStitcher:
         )
 
 
-def _splat_add(
-    sums: list[tuple[Any, Any]], corners: np.ndarray, n: int, device: Any = None
-) -> tuple[int, int, int, int]:
-    """Add (N, n, n) patches (or one (n, n) patch for all) at fractional ``corners`` into (H, W) grids, bilinearly.
+def _placement(corners: np.ndarray, n: int, shape: tuple[int, ...]) -> tuple[Any, ...]:
+    """Where a batch's (n+1, n+1) bilinear footprints land: integer corners, fractions, box and block.
 
-    Each patch is spread over its four integer shifts as a (n+1, n+1) footprint, and the whole
-    batch goes in with one scatter-add over the batch's bounding box (``bincount`` per grid on the
-    host, one ``index_add_`` for all grids on a torch device): no Python loop over frames.
-    Returns the box (y0, y1, x0, x1).
+    Returns (iy, ix, fy, fx, (y0, y1, x0, x1), (box_h, box_w)); the box is the batch's bounding box
+    of footprints, the block its part inside the grid (a zero-weight last row/column may overhang).
     """
-    height, width = sums[0][0].shape
+    height, width = shape
     iy = np.floor(corners[:, 0]).astype(np.int64)
     ix = np.floor(corners[:, 1]).astype(np.int64)
     y0, x0 = int(iy.min()), int(ix.min())
     box_h, box_w = int(iy.max()) + n + 1 - y0, int(ix.max()) + n + 1 - x0
-    y1, x1 = min(y0 + box_h, height), min(x0 + box_w, width)  # a zero-weight last row/column may overhang
-    on = _to(device)
+    y1, x1 = min(y0 + box_h, height), min(x0 + box_w, width)
     fy = (corners[:, 0] - iy).astype(np.float32)
     fx = (corners[:, 1] - ix).astype(np.float32)
-    # Built where the sums are: on a GPU, N (n+1)^2 indices made there instead of copied over.
-    steps, rows, cols = on(np.arange(n + 1)), on((iy - y0)[:, None, None]), on((ix - x0)[:, None, None])
-    index = ((rows + steps[:, None]) * box_w + (cols + steps)).ravel()
-    if device is not None:
-        _splat_add_torch(sums, on(fy), on(fx), index, (y0, y1, x0, x1), (box_h, box_w))
-        return y0, y1, x0, x1
+    return iy, ix, fy, fx, (y0, y1, x0, x1), (box_h, box_w)
+
+
+def _footprint_index(steps: Any, iy: Any, ix: Any, box_w: int) -> Any:
+    """Flat index in the box of each pixel of each (n+1, n+1) footprint, (N * (n+1)^2,); numpy or torch alike."""
+    rows, cols = iy[:, None, None], ix[:, None, None]
+    return ((rows + steps[:, None]) * box_w + (cols + steps)).ravel()
+
+
+def _splat_add(sums: list[tuple[Any, Any]], corners: np.ndarray, n: int) -> tuple[int, int, int, int]:
+    """Add (N, n, n) patches (or one (n, n) patch for all) at fractional ``corners`` into (H, W) grids, bilinearly.
+
+    Each patch is spread over its four integer shifts as a (n+1, n+1) footprint, and the whole
+    batch goes in with one ``bincount`` per grid over the batch's bounding box: no Python loop over
+    frames. Returns the block (y0, y1, x0, x1).
+    """
+    iy, ix, fy, fx, (y0, y1, x0, x1), (box_h, box_w) = _placement(corners, n, sums[0][0].shape)
+    index = _footprint_index(np.arange(n + 1), iy - y0, ix - x0, box_w)
     for grid, patches in sums:
         # Separable: spread over the two row shifts, then the two column shifts.
         spread = np.zeros((len(corners), n + 1, n), patches.dtype)
@@ -244,43 +273,51 @@ def _splat_add(
     return y0, y1, x0, x1
 
 
-def _splat_add_torch(
-    sums: list[tuple[Any, Any]], fy: Any, fx: Any, index: Any, block: tuple[int, int, int, int], box: tuple[int, int]
-) -> None:
-    """The torch device's :func:`_splat_add`: every grid's patches (a complex one as two channels) in one stack.
+def _splat_add_torch(grids: list[Any], stack: Any, corners: np.ndarray) -> tuple[int, int, int, int]:
+    """The torch device's :func:`_splat_add`: a (C, N, n, n) stack of channels into ``grids`` (a complex one takes two).
 
-    The stack goes to its four bilinear shifts with four fused multiply-adds and into a float32
-    box with one ``index_add_``; the box is then added to the grids. On the 2-core CPU
-    43 against 77-82 us a frame for a separable spread and a float64 scatter per grid (a depthwise
-    2x2 convolution took 72-95). Summing one batch in float32 moves the result by float32 rounding
-    only (tested against the host path).
+    The stack goes to its four bilinear shifts with one multiply and three fused multiply-adds,
+    written channel-major so that one ``index_add_`` takes it as it is into a float32 box; the box
+    is then added to the grids. On the 2-core CPU 43 against 77-82 us a frame for a separable
+    spread and a float64 scatter per grid (a depthwise 2x2 convolution took 72-95); 33-39 against
+    44-50 in the live engine once the channels were written into place and the footprints
+    channel-major, without the two copies (``benchmarks/results/ab-stitch-stack/``). Summing one
+    batch in float32 moves the result by float32 rounding only (tested against the host path).
     """
     torch = _torch()
-    y0, y1, x0, x1 = block
-    count, n = len(fy), sums[0][1].shape[-1]
-    channels = []
-    for _, patches in sums:
-        patches = patches.expand(count, n, n)
-        channels += [patches.real, patches.imag] if patches.is_complex() else [patches]
-    stack = torch.stack([c.float() for c in channels], 1)  # (N, C, n, n)
-    c = stack.shape[1]
-    fy, fx = fy[:, None, None, None], fx[:, None, None, None]
-    footprints = stack.new_zeros(count, c, n + 1, n + 1)
-    footprints[..., :n, :n].addcmul_((1 - fy) * (1 - fx), stack)
+    c, count, n = stack.shape[0], stack.shape[1], stack.shape[-1]
+    iy, ix, fy, fx, (y0, y1, x0, x1), (box_h, box_w) = _placement(corners, n, grids[0].shape)
+    device = stack.device
+    # Built where the sums are: on a GPU, N (n+1)^2 indices made there instead of copied over.
+    index = _footprint_index(
+        torch.arange(n + 1, device=device),
+        torch.as_tensor(iy - y0, device=device),
+        torch.as_tensor(ix - x0, device=device),
+        box_w,
+    )
+    fy = torch.as_tensor(fy, device=device)[None, :, None, None]
+    fx = torch.as_tensor(fx, device=device)[None, :, None, None]
+    footprints = stack.new_empty((c, count, n + 1, n + 1))
+    torch.mul(stack, (1 - fy) * (1 - fx), out=footprints[..., :n, :n])
+    footprints[..., n, :].zero_()
+    footprints[..., :n, n].zero_()
     footprints[..., 1:, :n].addcmul_(fy * (1 - fx), stack)
     footprints[..., :n, 1:].addcmul_((1 - fy) * fx, stack)
     footprints[..., 1:, 1:].addcmul_(fy * fx, stack)
-    values = footprints.reshape(count, c, -1).transpose(0, 1).reshape(c, -1)
-    summed = stack.new_zeros(c, box[0] * box[1]).index_add_(1, index, values)
-    summed = summed.reshape(c, *box)[:, : y1 - y0, : x1 - x0]
+    summed = stack.new_zeros(c, box_h * box_w).index_add_(1, index, footprints.reshape(c, -1))
+    summed = summed.reshape(c, box_h, box_w)[:, : y1 - y0, : x1 - x0]
     k = 0
-    for grid, _ in sums:
+    for grid in grids:
+        block = grid[y0:y1, x0:x1]
         if grid.is_complex():
-            grid[y0:y1, x0:x1] += torch.complex(summed[k], summed[k + 1])
+            parts = torch.view_as_real(block)  # (h, w, 2): real and imaginary in place, no complex temporary
+            parts[..., 0] += summed[k]
+            parts[..., 1] += summed[k + 1]
             k += 2
         else:
-            grid[y0:y1, x0:x1] += summed[k]
+            block += summed[k]
             k += 1
+    return y0, y1, x0, x1
 
 
 def _torch() -> Any:
