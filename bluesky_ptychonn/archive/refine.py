@@ -218,7 +218,7 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
     sink.write_metadata(metadata)  # the marker: readers see a refinement under way, not an old result
     last_beat = time.monotonic()
 
-    def heartbeat(epoch: int, error: float, _: Any) -> bool:
+    def heartbeat(epoch: int, _error: float, _object: Any) -> bool:
         nonlocal last_beat
         if time.monotonic() - last_beat >= HEARTBEAT_S:
             last_beat = time.monotonic()
