@@ -266,7 +266,7 @@ def test_results_left_running_by_a_dead_consumer_are_marked_interrupted_at_start
     TiledSink(client, refining, "refined").write_metadata({"status": "running", "updated": time.time() - 3600})
     TiledSink(client, fresh, "refined").write_metadata({"status": "running", "updated": time.time() - 60})
     marked = mark_stale_results(client)
-    assert sorted(marked) == sorted([stale, refining])
+    assert stale in marked and refining in marked and fresh not in marked  # (the server is shared with other tests)
     md = dict(client["processed"][stale]["ptychonn"].metadata)
     assert md["status"] == "interrupted" and f"bluesky-ptychonn replay {stale}" in md["reason"]
     assert client["processed"][fresh]["ptychonn"].metadata["status"] == "running"

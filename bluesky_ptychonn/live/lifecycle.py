@@ -67,6 +67,7 @@ def mark_stale_results(client: Any, stale_after_s: float = STALE_AFTER_S) -> lis
             ):
                 continue
             reason = f"left running by a consumer that stopped; finish it with: bluesky-ptychonn {command} {uid}"
+            fate: dict[str, Any]
             if name == PTYCHONN:  # its partial image stays
                 fate = {"status": "interrupted", "reason": reason}
             else:  # as any failed refinement records it: a list of errors
