@@ -251,8 +251,8 @@ def test_runs_are_refined_automatically_after_their_final_live_image(
     tiled_server, run_engine, devices, checkpoint, caplog
 ):
     caplog.set_level("INFO", logger="bluesky_ptychonn.archive.refine_worker")
-    # Not niced (that has a test of its own): at +19 the child waited minutes for the cores while
-    # another test worker or a demo kept them busy.
+    # Not niced (that has a test of its own): at +19 the child gets next to no CPU while another test
+    # worker or a demo keeps both cores busy, and the waits below are bounded.
     worker = RefineWorker(tiled_server.client, options=FEW.model_copy(update={"epochs": 3}), poll_s=0.05, nice=0)
     try:
         uid = _live_run(tiled_server, run_engine, devices, checkpoint, after_final=worker.submit)
