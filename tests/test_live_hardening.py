@@ -276,6 +276,24 @@ def test_results_left_running_by_a_dead_consumer_are_marked_interrupted_at_start
     assert client["processed"][fresh]["refined"].metadata["status"] == "running"
 
 
+def test_waiting_for_a_run_waits_until_the_after_final_hook_has_it(scan, section, predictor):
+    """Was: ``wait`` returned at the final image, before the hook's thread had called it, so a caller
+    that then waited for the hook's work (a refine worker) could find nothing submitted."""
+    handed = []
+
+    def slow_hook(uid):
+        time.sleep(0.5)  # the hook's thread is late: it must still be waited for
+        handed.append(uid)
+
+    callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST), after_final=slow_hook)
+    docs = _inline_run(scan.frames, scan.positions_m, section)
+    for name, doc in docs:
+        callback(name, doc)
+    uid = docs[0][1]["uid"]
+    assert callback.wait(uid, 30)
+    assert handed == [uid]
+
+
 def test_interrupt_finishes_open_runs_with_their_partial_image(scan, section, predictor):
     callback = PtychoNNCallback(predictor, None, CallbackConfig(live=FAST))
     docs = _inline_run(scan.frames, scan.positions_m, section)[:-1]  # no stop: the consumer is told to stop

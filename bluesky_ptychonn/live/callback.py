@@ -358,7 +358,7 @@ class PtychoNNCallback:
         return [r.uid for r in open_runs]
 
     def wait(self, uid: str, timeout: float | None = None) -> bool:
-        """Block until run ``uid``'s final image is written.
+        """Block until run ``uid``'s final image is written and handed to the ``after_final`` hook.
 
         Parameters
         ----------
@@ -370,11 +370,15 @@ class PtychoNNCallback:
         Returns
         -------
         bool
-            True if the final image was written.
+            True if the final image was written (and the hook, if any, called).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
         self.flush(timeout)
-        if deadline is not None:
-            timeout = max(0.0, deadline - time.monotonic())
         run = self.runs.get(uid)
-        return bool(run and run.live and run.live.wait(timeout))
+        # The hook (a refine worker's submit) runs on a thread of its own once the image is final: a
+        # caller that goes on to wait for the hook's work must find the run handed over already.
+        return bool(run and run.live and run.live.wait(left()) and run.join_after_final(left()))

@@ -93,6 +93,7 @@ class RunReconstructor(DocumentRouter):
         self._early: dict[str, list[Any]] = {}
         self._frames_on_disk = False
         self.stopped = False
+        self._after_final_thread: threading.Thread | None = None
 
     def __call__(self, name: str, doc: dict, validate: bool = False) -> tuple[str, dict]:
         """Route one document to its handler; a failure is recorded here, then raised.
@@ -309,7 +310,10 @@ class RunReconstructor(DocumentRouter):
             )
             if self.owner.after_final is not None:
                 # Waiting for the final image here would hold up the RunEngine (or the dispatcher).
-                threading.Thread(target=self._after_final, name=f"ptychonn-after-{self.uid[:8]}", daemon=True).start()
+                self._after_final_thread = threading.Thread(
+                    target=self._after_final, name=f"ptychonn-after-{self.uid[:8]}", daemon=True
+                )
+                self._after_final_thread.start()
         finally:
             self._stream_frames.close()
             self._datum_frames.close()
@@ -321,6 +325,19 @@ class RunReconstructor(DocumentRouter):
             return planned
         counted = (stop.get("num_events") or {}).get(self.config.stream_name)
         return counted if isinstance(counted, int) and counted > 0 else None
+
+    def join_after_final(self, timeout: float | None = None) -> bool:
+        """Wait until the ``after_final`` hook has been called (or was never due); False on timeout.
+
+        The hook runs on its own thread once the final image is written, so a caller that waits for
+        the image and then for the hook's own work (a refine worker's queue) must wait for this too,
+        or it may look before the run was handed over. From the hook itself it returns at once.
+        """
+        thread = self._after_final_thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
 
     def _after_final(self) -> None:
         """Call the owner's ``after_final`` hook once the final image is written; log, never raise."""
