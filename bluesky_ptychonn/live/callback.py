@@ -380,5 +380,7 @@ class PtychoNNCallback:
         self.flush(timeout)
         run = self.runs.get(uid)
         # The hook (a refine worker's submit) runs on a thread of its own once the image is final: a
-        # caller that goes on to wait for the hook's work must find the run handed over already.
+        # caller that goes on to wait for the hook's work must find the run handed over already. That
+        # thread is started as the stop document is routed, which the flush above covers once the
+        # stop has been given to the callback (a wait begun before the stop came may not see it).
         return bool(run and run.live and run.live.wait(left()) and run.join_after_final(left()))
