@@ -122,25 +122,29 @@ def test_show_runs_and_models(tiled_server, fly, checkpoint, tmp_path, monkeypat
     capsys.readouterr()
     # A live result left running by a consumer that died an hour ago.
     TiledSink(tiled_server.client, stale).write_metadata({"status": "running", "updated": time.time() - 3600})
+    # ... and a refinement of another run whose process was killed.
+    TiledSink(tiled_server.client, done, "refined").write_metadata({"status": "running", "updated": time.time() - 3600})
 
     assert main(["show", done[:8], "--out", str(tmp_path / "done.png"), *common]) == 0
     shown = _json(capsys)
-    assert shown["results"] == {"ptychonn": "complete"} and shown["run"] == done
+    assert shown["results"] == {"ptychonn": "complete", "refined": "running"} and shown["run"] == done
     assert (tmp_path / "done.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["show", bare, *common]) == 2
     assert "no ptychonn or refined or iterative result" in capsys.readouterr().err
 
     assert main(["runs", f"start.campaign={tag}", "--json", *common]) == 0
     rows = {row["uid"]: row for row in _json(capsys)}
-    assert rows[done]["ptychonn"] == "complete" and rows[done]["frames_done"] == 12 and not rows[done]["stale"]
+    assert rows[done]["ptychonn"] == "complete" and rows[done]["frames_done"] == 12
+    assert rows[done]["refined"] == "running" and rows[done]["stale"] == ["refined"]
     assert rows[done]["model"] and rows[done]["points"] == 12 and rows[done]["exit"] == "success"
-    assert rows[stale]["stale"] and "ptychonn" not in rows[bare]
+    assert rows[stale]["stale"] == ["ptychonn"] and "ptychonn" not in rows[bare] and not rows[bare]["stale"]
     assert main(["runs", "--json", "--limit", "2", *common]) == 0  # no selection: the newest, oldest first
     assert [row["uid"] for row in _json(capsys)] == [stale, bare]
     assert main(["runs", f"start.campaign={tag}", "--stale", *common]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:3] == ["uid", "started", "age"] and len(table) == 2
-    assert table[1].startswith(stale[:8]) and "running STALE" in table[1]
+    assert table[0].split()[:3] == ["uid", "started", "age"] and len(table) == 3
+    assert table[1].startswith(done[:8]) and "complete" in table[1] and "running STALE" in table[1]
+    assert table[2].startswith(stale[:8]) and "running STALE" in table[2]
 
     path = register_model(tiled_server.client, checkpoint)
     assert main(["models", "--json", *common]) == 0

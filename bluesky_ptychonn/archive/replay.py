@@ -184,7 +184,7 @@ def incomplete_runs(client: Any, runs: Iterable[Any], *, stale_after_s: float | 
     away past the retry limit; default
     :data:`~bluesky_ptychonn.live.lifecycle.STALE_AFTER_S`). A run still acquiring is never taken.
     """
-    from ..live.lifecycle import STALE_AFTER_S
+    from ..live.lifecycle import STALE_AFTER_S, is_stale
 
     stale_after_s = STALE_AFTER_S if stale_after_s is None else stale_after_s
     processed = client[PROCESSED] if PROCESSED in client else {}
@@ -197,8 +197,7 @@ def incomplete_runs(client: Any, runs: Iterable[Any], *, stale_after_s: float | 
         results = processed[uid] if uid in processed else {}
         md = dict(results[PTYCHONN].metadata) if PTYCHONN in results else {}
         status = md.get("status", "missing")
-        updated = float(md.get("updated") or md.get("started") or 0)
-        if status in FINAL or (status == "running" and now - updated < stale_after_s):
+        if status in FINAL or (status == "running" and not is_stale(md, now, stale_after_s)):
             continue
         found.append((run, "stale" if status == "running" else status))
     return found

@@ -43,15 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "list runs with the status of their results",
         """  bluesky-ptychonn runs                                 # the newest 20
   bluesky-ptychonn runs sample_id=sim-features-0 --since 2026-11-01
-  bluesky-ptychonn runs --stale                         # live results nobody is finishing
+  bluesky-ptychonn runs --stale                         # live or refined results nobody is finishing
   bluesky-ptychonn runs --json --limit 100""",
         "One line per run: uid, start time, plan, sample, points, and the status of its ptychonn, refined "
-        "and iterative results with the model that made the image. A live result still 'running' whose "
-        "consumer stopped publishing is flagged STALE (`replay` finishes it from the archive).",
+        "and iterative results with the model that made the image. A live or refined result still 'running' "
+        "whose process stopped updating it is flagged STALE (`replay` or `refine` finishes it from the archive).",
     )
     add_selection_arguments(p, dry_run=False)
     p.add_argument("--limit", type=int, default=20, help="the newest N runs at most (default: 20)")
-    p.add_argument("--stale", action="store_true", help="only runs whose live result is stale")
+    p.add_argument("--stale", action="store_true", help="only runs with a live or refined result nobody is finishing")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=runs)
 
@@ -133,7 +133,7 @@ def _age(seconds: float) -> str:
 
 
 def run_row(client: Any, run: Any, now: float) -> dict[str, Any]:
-    from ..live.lifecycle import STALE_AFTER_S
+    from ..live.lifecycle import is_stale
 
     start, stop = run.metadata["start"], run.metadata.get("stop") or {}
     section = start.get("ptychography", {})
@@ -145,15 +145,16 @@ def run_row(client: Any, run: Any, now: float) -> dict[str, Any]:
         "sample": section.get("sample_id"),
         "points": (stop.get("num_events") or {}).get(schema.stream_name(section)) if section else None,
         "exit": stop.get("exit_status", "open" if not stop else None),  # open: no stop document (yet)
+        "stale": [],  # the results left running by a process that is gone (live or refined)
     }
     for name, node in _results_of(client, start["uid"]).items():
         md = node.metadata
         row[name] = md.get("status")
+        if is_stale(md, now):
+            row["stale"].append(name)
         if name == PTYCHONN:
             row["model"] = (md.get("model_hash") or "")[:12]
             row["frames_done"] = md.get("frames_done")
-            updated = float(md.get("updated") or md.get("started") or 0)
-            row["stale"] = md.get("status") == "running" and now - updated > STALE_AFTER_S
     return row
 
 
@@ -174,16 +175,16 @@ def runs(args: argparse.Namespace) -> list[dict] | None:
         return rows
     columns = ("uid", "started", "age", "plan", "sample", "points", "exit", PTYCHONN, "model", REFINED, ITERATIVE)
     _table(
-        [{**row, "uid": row["uid"][:8], PTYCHONN: _status(row)} for row in rows],
+        [{**row, "uid": row["uid"][:8], **{name: _status(row, name) for name in (PTYCHONN, REFINED)}} for row in rows],
         columns,
         empty="no runs",
     )
     return None
 
 
-def _status(row: dict) -> str:
-    status = row.get(PTYCHONN) or "-"
-    return f"{status} STALE" if row.get("stale") else status
+def _status(row: dict, name: str) -> str:
+    status = row.get(name) or "-"
+    return f"{status} STALE" if name in row["stale"] else status
 
 
 def models(args: argparse.Namespace) -> list[dict] | None:

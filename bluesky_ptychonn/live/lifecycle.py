@@ -61,10 +61,7 @@ def mark_stale_results(client: Any, stale_after_s: float = STALE_AFTER_S) -> lis
                 continue
             node = results[name]
             md = dict(node.metadata)
-            if (
-                md.get("status") != "running"
-                or now - float(md.get("updated") or md.get("started") or 0) < stale_after_s
-            ):
+            if not is_stale(md, now, stale_after_s):
                 continue
             reason = f"left running by a consumer that stopped; finish it with: bluesky-ptychonn {command} {uid}"
             fate: dict[str, Any]
@@ -76,3 +73,9 @@ def mark_stale_results(client: Any, stale_after_s: float = STALE_AFTER_S) -> lis
             if uid not in marked:
                 marked.append(uid)
     return marked
+
+
+def is_stale(md: Any, now: float, stale_after_s: float = STALE_AFTER_S) -> bool:
+    """Whether a result's metadata says ``running`` with no update (or, written before results carried
+    one, no start) for ``stale_after_s``: no live process is finishing it."""
+    return md.get("status") == "running" and now - float(md.get("updated") or md.get("started") or 0) >= stale_after_s
