@@ -116,7 +116,7 @@ def test_a_running_refinement_records_its_progress_so_that_it_never_looks_stale(
 
     client = tiled_server.client
     uid = _live_run(tiled_server, run_engine, devices, checkpoint)
-    monkeypatch.setattr(refine, "HEARTBEAT_S", 0.0)  # a beat after every epoch
+    monkeypatch.setattr(refine, "HEARTBEAT_S", 0.05)
     seen: list[dict] = []
     worker = threading.Thread(
         target=refine_run,
@@ -134,9 +134,39 @@ def test_a_running_refinement_records_its_progress_so_that_it_never_looks_stale(
         time.sleep(0.02)
     worker.join()
     assert seen, "no progress seen while the refinement ran"
-    assert all(0 < md["epochs_done"] <= 30 and md["updated"] > md["started"] for md in seen)
+    assert all(0 <= md["epochs_done"] <= 30 and md["updated"] > md["started"] for md in seen)
+    done = [md["epochs_done"] for md in seen]
+    assert done == sorted(done) and done[-1] > 0, done
     _, stored = _refined(client, uid)
     assert stored["status"] == "complete" and stored["epochs_done"] == stored["epochs"]
+
+
+def test_the_heartbeat_beats_between_epochs_and_never_after_it_stops(tiled_server, monkeypatch):
+    """An epoch longer than the stale limit (a very large scan on a CPU) must not make the refinement look dead."""
+    from bluesky_ptychonn.archive import refine
+    from bluesky_ptychonn.live.sink import TiledSink
+
+    uid = uuid.uuid4().hex
+    sink = TiledSink(tiled_server.client, uid, "refined")
+    sink.write_metadata({"status": "running", "started": time.time(), "updated": time.time()})
+    node = tiled_server.client["processed"][uid]["refined"]
+    marked = node.metadata["updated"]
+    monkeypatch.setattr(refine, "HEARTBEAT_S", 0.05)
+    beat = refine._Heartbeat(sink, uid)
+    try:
+        deadline = time.monotonic() + 10
+        while node.refresh().metadata["updated"] == marked and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert node.metadata["updated"] > marked and node.metadata["epochs_done"] == 0  # no epoch yet, still alive
+        assert beat.epoch_done(3, 0.1, None) is False  # the monitor never stops pty-chi
+        while node.refresh().metadata["epochs_done"] != 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert node.metadata["epochs_done"] == 3 and node.metadata["status"] == "running"
+    finally:
+        beat.stop()
+    last = node.refresh().metadata["updated"]
+    time.sleep(0.3)
+    assert node.refresh().metadata["updated"] == last
 
 
 def test_the_seed_is_the_preview_where_covered_and_free_space_elsewhere():

@@ -10,8 +10,8 @@ every reader of ``ptychonn`` reads ``refined`` too.
 Failure policy: a refinement that cannot start (no run, no preview, no probe) raises a
 :class:`~bluesky_ptychonn.errors.RunError` and writes nothing; once it starts, a ``running`` marker
 is in Tiled and any failure turns it ``failed`` with the error, never left ``running``. While it
-runs, the marker's ``updated`` and ``epochs_done`` move with its epochs (at most every
-:data:`HEARTBEAT_S`); one left behind by a process that was killed goes stale, and the next
+runs, the marker's ``updated`` and ``epochs_done`` are written every :data:`HEARTBEAT_S`,
+however long an epoch takes; one left behind by a process that was killed goes stale, and the next
 consumer marks it ``failed`` (:func:`~bluesky_ptychonn.live.lifecycle.mark_stale_results`).
 :class:`~bluesky_ptychonn.archive.refine_worker.RefineWorker` refines runs off the RunEngine's path
 and records every failure instead of raising it.
@@ -20,6 +20,7 @@ and records every failure instead of raising it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -41,8 +42,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Longest pause between two progress writes of a running refinement (one after each epoch at most):
-#: a live one stays well inside the stale limit, ten minutes, and a reader sees it advance.
+#: Seconds between two progress writes of a running refinement, epochs or not: a live one stays well
+#: inside the stale limit, ten minutes, and a reader sees it advance.
 HEARTBEAT_S = 30.0
 
 #: Where the starting object comes from: the run's PtychoNN result, or free space (pty-chi's own start).
@@ -216,18 +217,7 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
     uid, metadata = plan.inputs.uid, dict(plan.metadata)
     sink = TiledSink(client, uid, REFINED, replace=True)
     sink.write_metadata(metadata)  # the marker: readers see a refinement under way, not an old result
-    last_beat = time.monotonic()
-
-    def heartbeat(epoch: int, _error: float, _object: Any) -> bool:
-        nonlocal last_beat
-        if time.monotonic() - last_beat >= HEARTBEAT_S:
-            last_beat = time.monotonic()
-            try:
-                sink.write_metadata({"updated": time.time(), "epochs_done": epoch})
-            except Exception as err:  # a Tiled hiccup costs a beat, not the refinement
-                logger.warning("run %s: could not record the refinement's progress: %r", uid, err)
-        return False
-
+    beat = _Heartbeat(sink, uid)
     try:
         result = plan.inputs.reconstruct(
             plan.grid,
@@ -236,12 +226,13 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
             photons_per_frame=plan.photons_per_frame,
             initial_object=plan.initial_object,
             progress=progress,
-            monitor=heartbeat,
+            monitor=beat.epoch_done,
         )
         # The refined image gets the preview's trust map, so the two compare on the same statistic.
         trust, scores = object_consistency(
             result.obj, result.grid, plan.inputs.frames, plan.inputs.positions_m, result.probe
         )
+        beat.stop()  # before the final write, which no late beat may follow
         now = time.time()
         metadata.update(
             trust={"available": True, "statistic": STATISTIC, "probe_source": plan.metadata["probe"]["source"]}
@@ -259,6 +250,7 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
         )
         sink.publish(replace(result.as_image(), trust=trust), metadata)
     except Exception as err:
+        beat.stop()
         now = time.time()
         metadata.update(status="failed", errors=[f"{err!r}"], finished=now, updated=now)
         try:
@@ -267,6 +259,37 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
             logger.error("run %s: could not record the failed refinement in Tiled: %r", uid, tiled_err)
         raise
     return {**metadata, "path": sink.path}
+
+
+class _Heartbeat:
+    """Writes a running refinement's ``updated`` and ``epochs_done`` every :data:`HEARTBEAT_S`, from a thread.
+
+    Not from pty-chi's per-epoch monitor alone: one epoch of a very large scan on a CPU can outlast
+    the stale limit, and pty-chi's set-up and the trust map after it have no epochs at all. Alive
+    as long as this process is, so a refinement looks stale only once its process is gone.
+    """
+
+    def __init__(self, sink: Any, uid: str) -> None:
+        self.sink, self.uid, self.epochs = sink, uid, 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="refine-heartbeat", daemon=True)
+        self._thread.start()
+
+    def epoch_done(self, epoch: int, _error: float, _object: Any) -> bool:
+        """pty-chi's monitor: count the epoch (the next beat reports it); never stops the run."""
+        self.epochs = epoch
+        return False
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_S):
+            try:
+                self.sink.write_metadata({"updated": time.time(), "epochs_done": self.epochs})
+            except Exception as err:  # a Tiled hiccup costs a beat, not the refinement
+                logger.warning("run %s: could not record the refinement's progress: %r", self.uid, err)
 
 
 def refine_run(
