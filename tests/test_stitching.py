@@ -118,6 +118,30 @@ def test_stitching_on_a_torch_device_matches_the_host(device):
     assert dev_block.offset == host_block.offset
 
 
+@pytest.mark.parametrize("device", [None, "cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_copied_sums_make_the_image_of_their_moment_whatever_is_added_after(device):
+    """The live publisher copies the sums under the engine's lock and divides after: the copy must not move."""
+    torch = pytest.importorskip("torch")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    rng = np.random.default_rng(4)
+    n, grid = 16, ObjectGrid(shape=(60, 70), origin_m=(0.0, 0.0), pixel_size_m=1e-8)
+    positions = rng.uniform(10e-8, 50e-8, size=(30, 2))
+    amplitude = rng.random((30, n, n)).astype(np.float32)
+    phase = rng.uniform(-3, 3, (30, n, n)).astype(np.float32)
+    window = patch_window(n)
+    stitcher = PatchStitcher(grid, n, window, trust_window=window, device=device)
+    stitcher.add(amplitude[:20], phase[:20], positions[:20], rng.random(20))
+    block = stitcher.take_changed()
+    before, copied = stitcher.snapshot(block), stitcher.sums(block)
+    stitcher.add(amplitude[20:], phase[20:], positions[20:], rng.random(10))
+    later = copied.image()
+    assert later.frames == 20 and later.offset == before.offset == block[::2]
+    for key in ("amplitude", "phase", "weight", "trust"):
+        np.testing.assert_array_equal(getattr(later, key), getattr(before, key))
+    assert not np.array_equal(stitcher.snapshot(block).weight, before.weight)  # the stitcher did move on
+
+
 def _reference(grid, n, amplitude, phase, positions, window):
     """Independent float64 stitching, one frame and one bilinear shift at a time."""
     amp, phasor, weight = (np.zeros(grid.shape, dtype) for dtype in (float, complex, float))

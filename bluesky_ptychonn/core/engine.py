@@ -221,9 +221,10 @@ class LiveReconstruction(Publishing):
         return self._finished.is_set() and not self._publisher.is_alive()
 
     def snapshot(self) -> StitchedImage:
-        """The current image."""
+        """The current image (the sums copied under the lock, divided after it, as a publish does)."""
         with self._lock:
-            return self.stitcher.snapshot()
+            sums = self.stitcher.sums()
+        return sums.image()
 
     # -- worker -----------------------------------------------------------------------------
 

@@ -161,17 +161,18 @@ class Publishing:
         return kept
 
     def _for_sink(self, *, changed_only: bool) -> tuple[StitchedImage, dict[str, Any]]:
-        """A snapshot and a copy of the metadata, taken together under the lock.
+        """A snapshot and a copy of the metadata, taken together: the sums copied under the lock, divided after.
 
         ``changed_only``: the block changed since the last publish (empty if none), which the sink
         patches in at its offset, instead of the whole image; the block is forgotten here, and a
-        failed publish sends the whole image next time.
+        failed publish sends the whole image next time. The lock is held for copies only: the
+        inference thread, which needs it to stitch, waits for no division or angle.
         """
         with self._lock:
             if changed_only:
-                image = self.stitcher.snapshot(self.stitcher.take_changed() or (0, 0, 0, 0))
+                sums = self.stitcher.sums(self.stitcher.take_changed() or (0, 0, 0, 0))
             else:
-                image = self.stitcher.snapshot()
+                sums = self.stitcher.sums()
             metadata = {
                 **self.metadata,
                 "updated": time.time(),  # readers (and a restarted consumer) tell a live result from a stale one
@@ -179,7 +180,7 @@ class Publishing:
                 "trust": dict(self.metadata["trust"]),
                 "timings": dict(self.timings),
             }
-        return image, metadata
+        return sums.image(), metadata
 
     def _publish(self) -> bool:
         if self.sink is None:

@@ -194,35 +194,74 @@ class PatchStitcher:
 
     def snapshot(self, block: tuple[int, int, int, int] | None = None) -> StitchedImage:
         """The current image, or its block (y0, y1, x0, x1); pixels no patch has reached are 0 in all three arrays."""
+        return self.sums(block).image()
+
+    def sums(self, block: tuple[int, int, int, int] | None = None) -> BlockSums:
+        """Copies of the raw sums over the whole grid or a block (y0, y1, x0, x1), to divide later.
+
+        A plain copy, so a caller that must not be added to meanwhile (the live publisher, under
+        the engine's lock) holds its lock only for that, and divides and takes angles after
+        (:meth:`BlockSums.image`): for a whole 2,600 x 2,600 grid on the 2-core CPU, 10-50 ms
+        against 120-420 ms for the division and angles.
+        """
         y0, y1, x0, x1 = block or (0, self.grid.shape[0], 0, self.grid.shape[1])
         box = (slice(y0, y1), slice(x0, x1))
         # On the CPU the sums are read through numpy views: a torch op here would give the
         # publisher's thread an OpenMP team of its own, which slows the inference thread's (see
         # host_runtime.release_openmp_team).
         on_host = self.device is None or _torch().device(self.device).type == "cpu"
-        xp: Any = np if on_host else _torch()
 
         def block_of(sums: Any) -> Any:
-            return sums[box].numpy() if on_host and not isinstance(sums, np.ndarray) else sums[box]
+            if sums is None or isinstance(sums, np.ndarray):
+                return None if sums is None else sums[box].copy()
+            return sums[box].numpy().copy() if on_host else sums[box].clone()
 
-        weight = block_of(self._weight)
-        covered = weight > 0
-        safe = xp.where(covered, weight, 1.0)
-        amplitude = xp.where(covered, block_of(self._amp) / safe, 0.0)
-        phase = xp.where(covered, xp.angle(block_of(self._phasor)), 0.0)
+        return BlockSums(
+            amplitude=block_of(self._amp),
+            phasor=block_of(self._phasor),
+            weight=block_of(self._weight),
+            trust=block_of(self._trust),
+            trust_weight=block_of(self._trust_weight if self._trust is not None else None),
+            on_host=on_host,
+            grid=self.grid,
+            frames=self.frames,
+            offset=(y0, x0),
+        )
+
+
+@dataclass
+class BlockSums:
+    """A copy of a stitcher's raw sums over a block (numpy on the host, tensors on a device)."""
+
+    amplitude: Any
+    phasor: Any
+    weight: Any
+    trust: Any
+    trust_weight: Any
+    on_host: bool
+    grid: ObjectGrid
+    frames: int
+    offset: tuple[int, int]
+
+    def image(self) -> StitchedImage:
+        """Weighted means (amplitude, trust) and the phasors' angle; 0 (trust NaN) where nothing reached."""
+        xp: Any = np if self.on_host else _torch()
+        covered = self.weight > 0
+        safe = xp.where(covered, self.weight, 1.0)
+        amplitude = xp.where(covered, self.amplitude / safe, 0.0)
+        phase = xp.where(covered, xp.angle(self.phasor), 0.0)
         trust = None
-        if self._trust is not None:
-            footprint = block_of(self._trust_weight)
-            reached = footprint >= TRUST_MIN_FOOTPRINT
-            trust = _host(xp.where(reached, block_of(self._trust) / xp.where(reached, footprint, 1.0), np.nan))
+        if self.trust is not None:
+            reached = self.trust_weight >= TRUST_MIN_FOOTPRINT
+            trust = _host(xp.where(reached, self.trust / xp.where(reached, self.trust_weight, 1.0), np.nan))
         return StitchedImage(
             amplitude=_host(amplitude),
             phase=_host(phase),
-            weight=_host(weight),
+            weight=_host(self.weight),
             grid=self.grid,
             frames=self.frames,
             trust=trust,
-            offset=(y0, x0),
+            offset=self.offset,
         )
 
 
