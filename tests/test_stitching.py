@@ -7,6 +7,15 @@ from bluesky_ptychonn.errors import FrameError, PositionError
 from bluesky_ptychonn.sim.physics import random_features_object, scan_positions
 
 
+def _skip_without(device):
+    """Skip where the device's torch is missing: no torch at all, or no CUDA for ``"cuda"`` (None: numpy, never)."""
+    if device is None:
+        return
+    torch = pytest.importorskip("torch")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
 def _scan(step_px, jitter_px=0.0, pixel=1e-8, n=16):
     pos = scan_positions("raster", step_m=step_px * pixel, shape=(6, 7), jitter_m=jitter_px * pixel, seed=2)
     grid = ObjectGrid.covering(pos, pixel, n)
@@ -94,9 +103,7 @@ def test_windows():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_stitching_on_a_torch_device_matches_the_host(device):
     """The device path (``index_add_`` where the predictions are) agrees with numpy's ``bincount`` path."""
-    torch = pytest.importorskip("torch")
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+    _skip_without(device)
     rng = np.random.default_rng(3)
     n, grid = 16, ObjectGrid(shape=(80, 90), origin_m=(0.0, 0.0), pixel_size_m=1e-8)
     positions = rng.uniform(12e-8, 66e-8, size=(40, 2))
@@ -121,9 +128,7 @@ def test_stitching_on_a_torch_device_matches_the_host(device):
 @pytest.mark.parametrize("device", [None, "cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_copied_sums_make_the_image_of_their_moment_whatever_is_added_after(device):
     """The live publisher copies the sums under the engine's lock and divides after: the copy must not move."""
-    torch = pytest.importorskip("torch")
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+    _skip_without(device)
     rng = np.random.default_rng(4)
     n, grid = 16, ObjectGrid(shape=(60, 70), origin_m=(0.0, 0.0), pixel_size_m=1e-8)
     positions = rng.uniform(10e-8, 50e-8, size=(30, 2))
@@ -162,8 +167,7 @@ def _reference(grid, n, amplitude, phase, positions, window):
 @pytest.mark.parametrize("device", [None, "cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_single_precision_sums_stay_within_float32_rounding_of_a_float64_reference(device):
     """The grids are float32 (half the memory): dense overlap over many batches moves nothing beyond 1e-5."""
-    if device == "cuda" and not pytest.importorskip("torch").cuda.is_available():
-        pytest.skip("needs a CUDA device")
+    _skip_without(device)
     rng = np.random.default_rng(5)
     n, grid = 16, ObjectGrid(shape=(60, 60), origin_m=(0.0, 0.0), pixel_size_m=1e-8)
     positions = rng.uniform(10e-8, 50e-8, size=(600, 2))  # about 50 patches over each pixel
