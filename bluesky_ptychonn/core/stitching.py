@@ -235,7 +235,7 @@ class PatchStitcher:
 
 @dataclass
 class BlockSums:
-    """A copy of a stitcher's raw sums over a block (numpy on the host, tensors on a device)."""
+    """A stitcher's raw sums over a block, copied or viewed (numpy on the host, tensors on a device)."""
 
     amplitude: Any
     phasor: Any
