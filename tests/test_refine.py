@@ -117,6 +117,14 @@ def test_a_running_refinement_records_its_progress_so_that_it_never_looks_stale(
     client = tiled_server.client
     uid = _live_run(tiled_server, run_engine, devices, checkpoint)
     monkeypatch.setattr(refine, "HEARTBEAT_S", 0.05)
+    # Epochs of this small scan can all end between two beats: slowed to 20 ms each, several beats fall among them.
+    counted = refine._Heartbeat.epoch_done
+
+    def slow_epoch(self, *args):
+        time.sleep(0.02)
+        return counted(self, *args)
+
+    monkeypatch.setattr(refine._Heartbeat, "epoch_done", slow_epoch)
     seen: list[dict] = []
     worker = threading.Thread(
         target=refine_run,

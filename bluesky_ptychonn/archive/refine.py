@@ -258,6 +258,8 @@ def execute_refinement(plan: Refinement, client: Any, progress: bool) -> dict[st
         except Exception as tiled_err:  # Tiled down as well: the log has it
             logger.error("run %s: could not record the failed refinement in Tiled: %r", uid, tiled_err)
         raise
+    finally:  # also on Ctrl-C in a process that lives on: the marker then goes stale instead of beating on
+        beat.stop()
     return {**metadata, "path": sink.path}
 
 
