@@ -10,7 +10,10 @@ Tiled server. Two scans, both unpaced (frames wait on disk while the consumer ca
   the same batch size, on a 1,600-frame scan (start-up and the final write weigh in) and over the long scan below;
 * memory: a 250 x 400 = 100,000-frame scan; the consumer's resident memory (``/proc``) after its
   first 10,000 frames, at the end and at its peak, and the frames lost (done, missing, skipped or
-  dropped, from the result's metadata).
+  dropped, from the result's metadata);
+* where the cores went over the long scan, while it was flown and from its end to the result's
+  end: the consumer's process, this one's and the machine's idle time (``/proc``), so that a ratio
+  below 1 shows whether the consumer lacked cores or did more than the model with them.
 
 On this benchmark's 2-core machine the RunEngine, detector, TiledWriter and Tiled server share
 the cores with the consumer's inference.
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from machine import describe, device_name, free_port
+from machine import cores_between, cpu_seconds, describe, device_name, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -106,6 +109,13 @@ class _Consumer:
             self.process.kill()
 
 
+def _cpu(consumer_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the consumer's process, of this one (RunEngine, detector, TiledWriter,
+    Tiled server) and of the machine, busy and idle."""
+    machine = cpu_seconds()
+    return {"consumer": cpu_seconds(consumer_pid)["process"], "benchmark": machine.pop("process"), **machine}
+
+
 def _watch(client, uids: list, consumer: _Consumer, timeout_s: float, poll_s: float, first_after: int = 10_000) -> dict:
     """Poll the result of the run whose uid lands in ``uids`` every ``poll_s`` until it is no longer running.
 
@@ -123,14 +133,14 @@ def _watch(client, uids: list, consumer: _Consumer, timeout_s: float, poll_s: fl
         samples.append((md.get("frames_done", 0), memory["VmRSS"]))
         progress.append((time.time(), md.get("frames_done", 0)))
         if md and md.get("status") != "running":
-            seen_done = time.time()
+            seen_done, cpu_done = time.time(), _cpu(consumer.process.pid)
             break
         time.sleep(poll_s)
     if seen_done is None:
         raise RuntimeError(f"run {uids} did not finish within {timeout_s:.0f} s")
     after_first = next((rss for done, rss in samples if done >= first_after), samples[-1][1])
-    return {"metadata": md, "seen_done": seen_done, "rss_after_first": after_first, "memory": memory,
-            "samples": samples, "progress": progress}  # fmt: skip
+    return {"metadata": md, "seen_done": seen_done, "cpu_done": cpu_done, "rss_after_first": after_first,
+            "memory": memory, "samples": samples, "progress": progress}  # fmt: skip
 
 
 def _after_scan(progress: list[tuple[float, int]], scan_end: float, seen_done: float, frames: int) -> tuple[int, float]:
@@ -241,10 +251,10 @@ def run(quick: bool = False) -> dict:
                 daemon=True,
             )
             token = run_engine.subscribe(lambda name, doc: uids.append(doc["uid"]), "start")
-            started = time.monotonic()
+            started, started_wall, cpu_start = time.monotonic(), time.time(), _cpu(consumer.process.pid)
             watcher.start()
             run_engine(ptycho_fly_scan(detector, stage, step_m=2.4e-7, shape=memory_shape))
-            scan_end = time.time()
+            scan_end, cpu_scan_end = time.time(), _cpu(consumer.process.pid)
             run_engine.unsubscribe(token)
             watcher.join()
             if not watched:
@@ -256,6 +266,11 @@ def run(quick: bool = False) -> dict:
             lost = total - big["frames_done"]
             rss_first, rss_final = watched["rss_after_first"], watched["memory"]["VmRSS"]
             at_end, after = _after_scan(watched["progress"], scan_end, watched["seen_done"], big["frames_done"])
+            # Where the two cores went, while the scan was flown and from its end to the result's end.
+            cores = {
+                "during_scan": cores_between(cpu_start, cpu_scan_end, scan_end - started_wall),
+                "after_scan": cores_between(cpu_scan_end, watched["cpu_done"], watched["seen_done"] - scan_end),
+            }
             print(
                 f"   {total} frames in {long_s:.0f} s ({long_rate:.1f} frames/s, {long_rate / model_only:.2f} of model "
                 f"only; {at_end / total:.0%} published as the scan ended, then {after:.1f} frames/s, "
@@ -264,6 +279,11 @@ def run(quick: bool = False) -> dict:
                 f"({rss_final / rss_first - 1:+.1%}; target within 10 %), peak {watched['memory']['VmHWM']:.0f} MiB; "
                 f"[frames, MiB] at each tenth: {_rss_curve(watched['samples'], total)}"
             )
+            for window, used in cores.items():
+                print(
+                    f"   cores {window.replace('_', ' ')}: consumer {used['consumer']:.2f}, RunEngine, detector and "
+                    f"Tiled server {used['benchmark']:.2f}, machine busy {used['busy']:.2f}, idle {used['idle']:.2f}"
+                )
         finally:
             for p in publishers:  # with messages queued for the stopped proxy, a garbage-collected
                 p._socket.setsockopt(zmq.LINGER, 0)  # context's term() would block the process for good
@@ -300,12 +320,19 @@ def run(quick: bool = False) -> dict:
                 "rss_growth": round(rss_final / rss_first - 1, 3),
                 "rss_peak_mib": round(watched["memory"]["VmHWM"], 1),
                 "rss_curve_frames_mib": _rss_curve(watched["samples"], total),
+                **{
+                    f"long_scan_{window}_{key}_cores": round(value, 2)
+                    for window, used in cores.items()
+                    for key, value in used.items()
+                },
             }
         ],
         "note": (
             "the consumer's own process; RunEngine, detector and Tiled server run in the benchmark's process; "
             "long_scan_after_scan_*: from the end of the RunEngine's scan (the frames published by then) to the "
-            "result's end, when the simulated acquisition no longer shares the cores"
+            "result's end, when the simulated acquisition no longer shares the cores; *_cores: the mean cores taken "
+            "by the consumer's process, by the benchmark's (RunEngine, detector, TiledWriter, Tiled server) and by "
+            "the whole machine (busy, idle), while the long scan was flown and from its end to the result's end"
         ),
     }
 

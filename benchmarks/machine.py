@@ -40,3 +40,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int | None = None) -> dict[str, float]:
+    """CPU seconds so far (Linux ``/proc``): of process ``pid`` (all its threads; this one when None)
+    as ``process``, and of the whole machine, busy and idle, summed over its CPUs."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid or 'self'}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return {
+        "process": (int(fields[11]) + int(fields[12])) / tick,  # utime + stime
+        "busy": (user + nice + system + irq + softirq + steal) / tick,
+        "idle": (idle + iowait) / tick,
+    }
+
+
+def cores_between(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Mean cores each figure of :func:`cpu_seconds` took over ``seconds`` of wall time."""
+    return {key: (after[key] - before[key]) / max(seconds, 1e-9) for key in before}
