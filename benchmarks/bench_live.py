@@ -11,8 +11,11 @@ its backlog: on the 10,000-frame scan at half the rate, the embedded server's me
 4.3 s, p95 8.5 s), and as long as the first (a short scan measures the start-up): from a frame
 reaching the callback (its StreamDatum, once the detector has flushed it) to the first snapshot
 in Tiled that includes it; into the embedded server and again into ``tiled serve catalog`` in its
-own process, as a facility runs it. On a CPU machine the simulated detector, TiledWriter and the
-Tiled server share the cores with inference, which caps the end-to-end ratio.
+own process, as a facility runs it. Then the fastest detector the analysis keeps up with:
+paced scans of a few seconds into the embedded server, bisected between that third and 1.5 times
+the end-to-end rate, each judged by how fast its latency grows over the scan (0 while the
+analysis keeps up). On a CPU machine the simulated detector, TiledWriter and the Tiled server
+share the cores with inference, which caps the end-to-end ratio.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ from bluesky_ptychonn.core.network import PtychoNN
 from bluesky_ptychonn.core.preprocess import preprocess
 
 from machine import describe, device_name, free_port
+
+#: A paced scan's analysis kept up when its detector made this share of the frames/s it was paced
+#: at, and the latency of the scan's last two thirds had a median under KEEP_UP_LATENCY_S.
+KEEP_UP_PACE = 0.95
+KEEP_UP_LATENCY_S = 2.0
 
 
 def _latencies(live) -> np.ndarray:
@@ -84,6 +92,53 @@ def _latency_figures(live) -> dict:
     }
 
 
+def _keeps_up(live, rate: float) -> tuple[bool, list[float]]:
+    """Whether a paced scan's analysis kept up with its detector, and [asked, made frames/s, late latency s].
+
+    Kept up: the detector made at least KEEP_UP_PACE of the frames/s it was paced at (the
+    simulated one shares the cores with the analysis, so an analysis that takes too many slows the
+    detector instead of falling behind it; a real detector is other hardware) and the median
+    latency of the scan's last two thirds is under KEEP_UP_LATENCY_S (the first third holds the
+    start-up: the result prepared in Tiled, the first publishes).
+    """
+    lat = _latencies(live)  # the submissions that reached Tiled: all but any after the last publish
+    arrivals = np.asarray([t for t, _ in live.submit_log[: len(lat)]])
+    (t0, n0), (t1, n1) = live.submit_log[0], live.submit_log[-1]
+    made = (n1 - n0) / max(t1 - t0, 1e-9)
+    late = float(np.median(lat[arrivals >= arrivals[0] + (arrivals[-1] - arrivals[0]) / 3]))
+    kept = made >= KEEP_UP_PACE * rate and late < KEEP_UP_LATENCY_S
+    return kept, [round(rate, 1), round(made, 1), round(late, 2)]
+
+
+def _keep_up(client, data_dir, predictor, options, first: list, seconds: float, steps: int) -> dict:
+    """The fastest paced detector the live path keeps up with (:func:`_keeps_up`), into ``client``.
+
+    ``first``: the trial of the latency scan, [asked, made, late latency, kept]. When it kept up,
+    4.5 times its rate (1.5 times the unpaced end-to-end rate), then ``steps`` geometric
+    bisections, each a paced scan of about ``seconds``.
+    """
+    trials = [first]
+
+    def keeps_up(rate: float) -> bool:
+        rows = max(16, int(np.ceil(np.sqrt(seconds * rate))))
+        kept, figures = _keeps_up(_scan(client, data_dir, predictor, options, rows, 1.0 / rate)[0], rate)
+        trials.append([*figures, kept])
+        return kept
+
+    low, high = first[0], 4.5 * first[0]
+    if first[-1] and not keeps_up(high):
+        for _ in range(steps):
+            mid = (low * high) ** 0.5
+            low, high = (mid, high) if keeps_up(mid) else (low, mid)
+    kept = [asked for asked, _, _, ok in trials if ok]
+    behind = [asked for asked, _, _, ok in trials if not ok]
+    return {
+        "keeps_up_frames_per_s": max(kept) if kept else None,
+        "falls_behind_frames_per_s": min(behind) if behind else None,
+        "keep_up_trials": trials,
+    }
+
+
 def run(quick: bool = False) -> dict:
     from bluesky_ptychonn.archive.servers import FacilityServer, start_embedded_server
     from bluesky_ptychonn.core.engine import LiveOptions
@@ -96,6 +151,7 @@ def run(quick: bool = False) -> dict:
     rows = 16 if quick else 100
     batch = 1024 if device == "cuda" else 64
     options = LiveOptions(batch_size=batch, publish_interval_s=0.5)
+    keep_up_search = (3.0, 2) if quick else (8.0, 4)  # seconds of each paced scan, bisections
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         archive = start_embedded_server(Path(tmp) / "data", directory=Path(tmp) / "tiled")
@@ -129,7 +185,10 @@ def run(quick: bool = False) -> dict:
                 # detector flushes twice as often, each flush a TiledWriter request), into the in-process
                 # server and into a Tiled server in its own process, as a facility runs it.
                 period = 3.0 / e2e
-                paced = _latency_figures(_scan(archive.client, archive.data_dir, predictor, options, rows, period)[0])
+                paced_live = _scan(archive.client, archive.data_dir, predictor, options, rows, period)[0]
+                paced = _latency_figures(paced_live)
+                kept, first = _keeps_up(paced_live, 1 / period)
+                keep = _keep_up(archive.client, archive.data_dir, predictor, options, [*first, kept], *keep_up_search)
                 apart = _latency_figures(_scan(facility_client, archive.data_dir, predictor, options, rows, period)[0])
                 row = {
                     "device": device_name(machine),
@@ -146,6 +205,7 @@ def run(quick: bool = False) -> dict:
                     "after_scan_frames_per_s": round(after, 1),
                     "after_scan_ratio": round(after / model_only, 3),
                     **paced,
+                    **keep,
                     **{f"tiled_apart_{key}": value for key, value in apart.items()},
                     "publish_interval_s": options.publish_interval_s,
                 }
@@ -156,8 +216,10 @@ def run(quick: bool = False) -> dict:
                     f"last frames in -> final image {tail:.2f} s; {done_at_end / frames:.0%} stitched as the scan "
                     f"ended, then {after:.1f} frames/s ({after / model_only:.2f} of model only); "
                     f"paced at {1 / period:.0f} frames/s: frame -> Tiled latency median {paced['latency_median_s']} s, "
-                    f"p95 {paced['latency_p95_s']} s, a publish {paced['publish_mean_s']} s; with Tiled in its "
-                    f"own process median {apart['latency_median_s']} s, p95 {apart['latency_p95_s']} s, "
+                    f"p95 {paced['latency_p95_s']} s, a publish {paced['publish_mean_s']} s; keeps up with a detector "
+                    f"at {keep['keeps_up_frames_per_s']} frames/s, falls behind at {keep['falls_behind_frames_per_s']} "
+                    f"([asked, made, late latency, kept] {keep['keep_up_trials']}); with Tiled in its own process "
+                    f"median {apart['latency_median_s']} s, p95 {apart['latency_p95_s']} s, "
                     f"a publish {apart['publish_mean_s']} s"
                 )
         finally:
@@ -171,8 +233,13 @@ def run(quick: bool = False) -> dict:
             "latency excludes the detector's flush period before its StreamDatum is emitted; after_scan_*: from "
             "the RunEngine's end of the unpaced scan (stitched_at_scan_end of the frames done by then) to the final "
             "image, when the simulated acquisition no longer shares the cores; publish_mean_s: "
-            "the mean time of one publish (six Tiled requests) during the paced scan; tiled_apart_*: the same "
-            "paced scan into `tiled serve catalog` in its own process, to which the four arrays' patches go together"
+            "the mean time of one publish (six Tiled requests) during the paced scan; "
+            "keeps_up_/falls_behind_frames_per_s: the fastest detector pace kept up with into the embedded server "
+            "and the slowest not (kept up: the detector made 95 % of that pace, the median latency over the scan's "
+            "last two thirds under 2 s; keep_up_trials: [frames/s asked, made, that latency, kept up] of each paced "
+            "scan, the latency scan first); "
+            "tiled_apart_*: the same paced scan into `tiled serve catalog` in its own process, to which the four "
+            "arrays' patches go together"
         ),
     }
 
