@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -145,6 +147,28 @@ def test_copied_sums_make_the_image_of_their_moment_whatever_is_added_after(devi
     for key in ("amplitude", "phase", "weight", "trust"):
         np.testing.assert_array_equal(getattr(later, key), getattr(before, key))
     assert not np.array_equal(stitcher.snapshot(block).weight, before.weight)  # the stitcher did move on
+
+
+def test_the_division_where_the_sums_live_agrees_with_the_host_one():
+    """On a GPU the publisher divides and takes angles with torch, on the device (``BlockSums.image``
+    with ``on_host`` False); run here on CPU tensors, that branch makes the host branch's image."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    n, grid = 16, ObjectGrid(shape=(80, 90), origin_m=(0.0, 0.0), pixel_size_m=1e-8)
+    positions = rng.uniform(10e-8, 50e-8, size=(30, 2))
+    window = patch_window(n)
+    stitcher = PatchStitcher(grid, n, window, trust_window=window, device="cpu")
+    amplitude = rng.random((30, n, n)).astype(np.float32)
+    stitcher.add(amplitude, rng.uniform(-3, 3, (30, n, n)).astype(np.float32), positions, rng.random(30))
+    host = stitcher.sums()
+    channels = ("amplitude", "phasor", "weight", "trust", "trust_weight")
+    on_device = dataclasses.replace(host, on_host=False, **{k: torch.from_numpy(getattr(host, k)) for k in channels})
+    expected, got = host.image(), on_device.image()
+    assert (expected.weight == 0).any() and np.isnan(expected.trust).any()  # both sides of every where()
+    for key in ("amplitude", "phase", "weight", "trust"):
+        assert getattr(got, key).dtype == np.float32
+        np.testing.assert_allclose(getattr(got, key), getattr(expected, key), atol=1e-6, equal_nan=True)
+    assert (got.offset, got.frames) == (expected.offset, expected.frames) == ((0, 0), 30)
 
 
 def _reference(grid, n, amplitude, phase, positions, window):
