@@ -11,11 +11,10 @@ its backlog: on the 10,000-frame scan at half the rate, the embedded server's me
 4.3 s, p95 8.5 s), and as long as the first (a short scan measures the start-up): from a frame
 reaching the callback (its StreamDatum, once the detector has flushed it) to the first snapshot
 in Tiled that includes it; into the embedded server and again into ``tiled serve catalog`` in its
-own process, as a facility runs it. Then the fastest detector the analysis keeps up with:
-paced scans of a few seconds into the embedded server, bisected between that third and 1.5 times
-the end-to-end rate, each judged by how fast its latency grows over the scan (0 while the
-analysis keeps up). On a CPU machine the simulated detector, TiledWriter and the Tiled server
-share the cores with inference, which caps the end-to-end ratio.
+own process, as a facility runs it. Then the fastest detector the analysis keeps up with, the
+image within 2 s: paced scans of a few seconds into the embedded server, bisected between that
+third and 1.5 times the end-to-end rate. On a CPU machine the simulated detector, TiledWriter and
+the Tiled server share the cores with inference, which caps the end-to-end ratio.
 """
 
 from __future__ import annotations
