@@ -91,9 +91,9 @@ def _latency_figures(live) -> dict:
     }
 
 
-def _keeps_up(live, rate: float) -> tuple[bool, list[float]]:
-    """Whether a paced scan's analysis kept up with its detector, the image within KEEP_UP_LATENCY_S,
-    and [asked, made frames/s, late latency s].
+def _keeps_up(live, rate: float) -> list:
+    """[asked, made frames/s, late latency s, kept up] of a paced scan: whether its analysis kept up
+    with its detector, the image within KEEP_UP_LATENCY_S.
 
     Kept up: the detector made at least KEEP_UP_PACE of the frames/s it was paced at (the
     simulated one shares the cores with the analysis, so an analysis that takes too many slows the
@@ -107,14 +107,13 @@ def _keeps_up(live, rate: float) -> tuple[bool, list[float]]:
     (t0, n0), (t1, n1) = live.submit_log[0], live.submit_log[-1]
     made = (n1 - n0) / max(t1 - t0, 1e-9)
     late = float(np.median(lat[arrivals >= arrivals[0] + (arrivals[-1] - arrivals[0]) / 3]))
-    kept = made >= KEEP_UP_PACE * rate and late < KEEP_UP_LATENCY_S
-    return kept, [round(rate, 1), round(made, 1), round(late, 2)]
+    return [round(rate, 1), round(made, 1), round(late, 2), made >= KEEP_UP_PACE * rate and late < KEEP_UP_LATENCY_S]
 
 
 def _keep_up(client, data_dir, predictor, options, first: list, seconds: float, steps: int) -> dict:
     """The fastest paced detector the live path keeps up with (:func:`_keeps_up`), into ``client``.
 
-    ``first``: the trial of the latency scan, [asked, made, late latency, kept]. When it kept up,
+    ``first``: the latency scan's trial (:func:`_keeps_up`). When it kept up,
     4.5 times its rate (1.5 times the unpaced end-to-end rate), then ``steps`` geometric
     bisections, each a paced scan of about ``seconds``.
     """
@@ -122,9 +121,8 @@ def _keep_up(client, data_dir, predictor, options, first: list, seconds: float, 
 
     def keeps_up(rate: float) -> bool:
         rows = max(16, int(np.ceil(np.sqrt(seconds * rate))))
-        kept, figures = _keeps_up(_scan(client, data_dir, predictor, options, rows, 1.0 / rate)[0], rate)
-        trials.append([*figures, kept])
-        return kept
+        trials.append(_keeps_up(_scan(client, data_dir, predictor, options, rows, 1.0 / rate)[0], rate))
+        return trials[-1][-1]
 
     low, high = first[0], 4.5 * first[0]
     if first[-1] and not keeps_up(high):
@@ -138,6 +136,12 @@ def _keep_up(client, data_dir, predictor, options, first: list, seconds: float, 
         "falls_behind_frames_per_s": min(behind) if behind else None,
         "keep_up_trials": trials,
     }
+
+
+def _paced(client, data_dir, predictor, options, rows: int, period: float, search: tuple[float, int]) -> dict:
+    """The latency scan into ``client``, paced at one frame per ``period``, then the keep-up search from its pace."""
+    live = _scan(client, data_dir, predictor, options, rows, period)[0]
+    return _latency_figures(live) | _keep_up(client, data_dir, predictor, options, _keeps_up(live, 1 / period), *search)
 
 
 def run(quick: bool = False) -> dict:
@@ -187,15 +191,9 @@ def run(quick: bool = False) -> dict:
                 # detector flushes twice as often, each flush a TiledWriter request), into the in-process
                 # server and into a Tiled server in its own process, as a facility runs it.
                 period = 3.0 / e2e
-                paced_live = _scan(archive.client, archive.data_dir, predictor, options, rows, period)[0]
-                paced = _latency_figures(paced_live)
-                kept, first = _keeps_up(paced_live, 1 / period)
-                keep = _keep_up(archive.client, archive.data_dir, predictor, options, [*first, kept], *keep_up_search)
-                apart_live = _scan(facility_client, archive.data_dir, predictor, options, rows, period)[0]
-                apart = _latency_figures(apart_live)
-                kept, first = _keeps_up(apart_live, 1 / period)
-                apart |= _keep_up(
-                    facility_client, archive.data_dir, predictor, options, [*first, kept], *keep_up_search
+                paced, apart = (
+                    _paced(client, archive.data_dir, predictor, options, rows, period, keep_up_search)
+                    for client in (archive.client, facility_client)
                 )
                 row = {
                     "device": device_name(machine),
@@ -212,7 +210,6 @@ def run(quick: bool = False) -> dict:
                     "after_scan_frames_per_s": round(after, 1),
                     "after_scan_ratio": round(after / model_only, 3),
                     **paced,
-                    **keep,
                     **{f"tiled_apart_{key}": value for key, value in apart.items()},
                     "publish_interval_s": options.publish_interval_s,
                 }
@@ -223,9 +220,9 @@ def run(quick: bool = False) -> dict:
                     f"last frames in -> final image {tail:.2f} s; {done_at_end / frames:.0%} stitched as the scan "
                     f"ended, then {after:.1f} frames/s ({after / model_only:.2f} of model only); "
                     f"paced at {1 / period:.0f} frames/s: frame -> Tiled latency median {paced['latency_median_s']} s, "
-                    f"p95 {paced['latency_p95_s']} s, a publish {paced['publish_mean_s']} s; keeps up with a detector "
-                    f"at {keep['keeps_up_frames_per_s']} frames/s, falls behind at {keep['falls_behind_frames_per_s']} "
-                    f"([asked, made, late latency, kept] {keep['keep_up_trials']}); with Tiled in its own process "
+                    f"p95 {paced['latency_p95_s']} s, a publish {paced['publish_mean_s']} s; keeps up at "
+                    f"{paced['keeps_up_frames_per_s']} frames/s, falls behind at {paced['falls_behind_frames_per_s']} "
+                    f"([asked, made, late latency, kept] {paced['keep_up_trials']}); with Tiled in its own process "
                     f"median {apart['latency_median_s']} s, p95 {apart['latency_p95_s']} s, "
                     f"a publish {apart['publish_mean_s']} s, keeps up at {apart['keeps_up_frames_per_s']} frames/s, "
                     f"falls behind at {apart['falls_behind_frames_per_s']} ({apart['keep_up_trials']})"
