@@ -40,6 +40,9 @@ STEP_M = 2e-7
 SHAPE = (4, 6)
 FAST = LiveOptions(batch_size=16, max_wait_s=0.05, publish_interval_s=0.1, retry_s=0.1)
 FEW = IterativeOptions(engine="lsqml", epochs=8, device="cpu")
+# A refinement the test stops: far more epochs than it can run before it is stopped. 400 could all
+# end within the half second the interrupt test waits, on a fast moment of the 2-core CI machine.
+LONG = FEW.model_copy(update={"epochs": 20_000, "stop_tolerance": None})
 
 
 @pytest.fixture
@@ -337,8 +340,7 @@ def _child_while_running(worker, client, uid, timeout=120):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice values of threads: Linux")
 def test_the_refinement_runs_in_a_child_process_whose_threads_all_yield(tiled_server, run_engine, devices):
     (uid,) = run_engine(_scan(devices))
-    long = FEW.model_copy(update={"epochs": 400, "stop_tolerance": None})  # long enough to be watched
-    worker = RefineWorker(tiled_server.client, options=long, seed="flat", poll_s=0.05)
+    worker = RefineWorker(tiled_server.client, options=LONG, seed="flat", poll_s=0.05)
     try:
         worker.submit(uid)
         child = _child_while_running(worker, tiled_server.client, uid)
@@ -365,8 +367,7 @@ def test_a_refinement_process_that_is_stopped_leaves_a_failed_result_not_a_runni
     tiled_server, run_engine, devices, stop, why
 ):
     (uid,) = run_engine(_scan(devices))
-    long = FEW.model_copy(update={"epochs": 400, "stop_tolerance": None})
-    worker = RefineWorker(tiled_server.client, options=long, seed="flat", poll_s=0.05, nice=0)  # see the automatic test
+    worker = RefineWorker(tiled_server.client, options=LONG, seed="flat", poll_s=0.05, nice=0)  # see the automatic test
     try:
         worker.submit(uid)
         child = _child_while_running(worker, tiled_server.client, uid)
@@ -382,8 +383,7 @@ def test_a_refinement_process_that_is_stopped_leaves_a_failed_result_not_a_runni
 
 def test_interrupting_the_wait_for_the_run_in_progress_stops_the_child_which_says_so(tiled_server, run_engine, devices):
     (uid,) = run_engine(_scan(devices))
-    long = FEW.model_copy(update={"epochs": 400, "stop_tolerance": None})
-    worker = RefineWorker(tiled_server.client, options=long, seed="flat", poll_s=0.05, nice=0)  # see the automatic test
+    worker = RefineWorker(tiled_server.client, options=LONG, seed="flat", poll_s=0.05, nice=0)  # see the automatic test
     worker.submit(uid)
     child = _child_while_running(worker, tiled_server.client, uid)
     assert child is not None, worker.results
