@@ -307,6 +307,32 @@ def test_a_result_is_prepared_in_ten_round_trips_and_a_restarted_sink_keeps_its_
     assert not [r for r in requests if r.startswith("POST")], requests  # the four arrays found, none made again
 
 
+def test_large_results_are_stored_in_tiles_and_a_block_patched_into_them_reads_back_exactly(server):
+    """A patch rewrites every stored chunk it touches: one chunk made each publish cost the whole image.
+
+    Tiles divide the side (tiled's zarr storage pads a smaller last chunk); a prime side stays whole.
+    """
+    from bluesky_ptychonn.core.geometry import ObjectGrid
+    from bluesky_ptychonn.core.stitching import StitchedImage
+    from bluesky_ptychonn.live.sink import read_image
+
+    shape = (1222, 401)  # 2 x 611 and a prime
+    grid = ObjectGrid(shape, 1e-8, (0.0, 0.0))
+    client = from_uri(server.uri)
+    sink = TiledSink(client, "run-tiles")
+    expected = np.random.default_rng(0).random(shape, dtype=np.float32)
+    sink.publish(StitchedImage(expected, expected, expected, grid, 1, trust=expected), {"frames_done": 1})
+    block = np.full((130, 150), -1.0, np.float32)  # across the tile boundary at row 611
+    sink.publish(StitchedImage(block, block, block, grid, 2, trust=block, offset=(550, 200)), {"frames_done": 2})
+    expected[550:680, 200:350] = -1.0
+    node = client["processed"]["run-tiles"]["ptychonn"]
+    assert node["amplitude"].chunks == ((611, 611), (401,))
+    arrays, metadata = read_image(node)
+    for key in ("amplitude", "phase", "weight", "trust"):
+        assert arrays[key].shape == shape and np.array_equal(arrays[key], expected), key
+    assert metadata["frames_done"] == 2
+
+
 def test_the_arrays_of_a_publish_are_patched_side_by_side_and_a_failed_one_fails_the_publish(server, scan, monkeypatch):
     """Was: one patch after another, each a round trip of 70-150 ms on a busy 2-core server.
 
