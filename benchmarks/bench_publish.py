@@ -21,7 +21,7 @@ from machine import describe, device_name
 SHAPE = (400, 400)
 BLOCK_ROWS = 60  # about what a raster scan adds between two publishes
 REPEATS = 10
-LARGE = (2600, 2600)  # the grid of a 40,000-point scan at the demo's step
+LARGE = (2600, 2600)  # about the grid of a 215x215-point scan at the demo's step
 
 
 def _stacked(node, shape: tuple[int, ...]):

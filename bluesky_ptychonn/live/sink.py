@@ -93,10 +93,10 @@ def _new_array(node: Any, key: str, shape: tuple[int, ...]) -> Any:
     """An empty float32 (y, x) array at ``node/key``: created without uploading anything (zeros when read).
 
     Stored in tiles (:func:`_tiles`): a patch rewrites every chunk it touches whole, so with one
-    chunk each publish's block cost grows with the image. On the embedded server (2-core VM), a
-    130x130 block into a 2,600x2,600 array took 125 ms as one chunk and 35 ms in 260-pixel tiles,
-    and a 60-row band 128 against 45 ms; at 400x400 both about 35 ms. A read is still one
-    request (tiled's client fetches arrays under 100 MiB whole).
+    chunk each publish's block cost grows with the image. On the idle embedded server (2-core VM)
+    a 130x130 block into a 2,600x2,600 image took 159 ms as one chunk and 55 ms in 260-pixel tiles
+    (``bench_publish``); at 400x400 about 35 ms either way. A read is still one request (tiled's
+    client fetches arrays under 100 MiB whole).
     """
     from tiled.structures.array import ArrayStructure, BuiltinDtype
     from tiled.structures.core import StructureFamily
