@@ -64,6 +64,31 @@ def test_serve_takes_its_api_key_from_the_environment_or_a_file_never_argv(tmp_p
     assert server.api_key not in repr(archive) and "127.0.0.1" in repr(archive)
 
 
+def test_the_embedded_server_runs_without_fastapi_overrides_and_still_wants_its_key(tmp_path, tiled_server):
+    # The settings override is dropped for speed (servers._drop_settings_override): the key must
+    # still be enforced, and the shutdown, which reads the override, must go cleanly.
+    import httpx
+    from tiled.server.settings import get_settings
+
+    from bluesky_ptychonn.archive.servers import start_embedded_server
+
+    # The session's key: tiled keeps one settings object per process, the last server sets its key.
+    archive = start_embedded_server(
+        tmp_path / "data", directory=tmp_path / "tiled", api_key=tiled_server.server.api_key
+    )
+    try:
+        assert archive.server.app.dependency_overrides == {}
+        assert get_settings().single_user_api_key == archive.server.api_key
+        url = archive.server.uri.split("?")[0] + "/metadata/raw"
+        with httpx.Client(trust_env=False) as http:
+            assert http.get(url).status_code == 401
+            assert http.get(url, headers={"Authorization": "Apikey wrong"}).status_code == 401
+            assert http.get(url, headers={"Authorization": f"Apikey {archive.server.api_key}"}).status_code == 200
+    finally:
+        archive.close()
+    assert "Traceback" not in (tmp_path / "tiled" / "error.log").read_text()
+
+
 def test_tiled_output_sent_to_a_log_file_has_the_key_masked(tmp_path):
     """FacilityServer(log=...) keeps tiled's line per request out of the terminal, and the key out of the file."""
     from bluesky_ptychonn.archive.servers import _forward_masked
