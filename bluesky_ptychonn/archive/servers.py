@@ -102,10 +102,11 @@ def _drop_settings_override(app: Any) -> bool:
     """Drop tiled's ``get_settings`` override from ``app`` where it changes nothing; True if dropped.
 
     While any dependency override is set, FastAPI (0.165) rebuilds every dependency of a route on
-    each request, which cost the embedded server 15 % of the CPU time of a live publish (256
-    against 302 ms, 2-core VM, alternated). tiled's override returns the process's one cached
-    settings object, the one ``get_settings`` returns, once it has set the server's key on it (at
-    start-up), so it is dropped only when it is the only override and returns that same object.
+    each request: 5-15 % of a publish's CPU time on an idle embedded server, a fifth of the
+    latency of a paced scan (2-core VM, ``benchmarks/results/ab-settings-override/``). tiled's
+    override returns the process's one cached settings object, the one ``get_settings`` returns,
+    once it has set the server's key on it (at start-up), so it is dropped only when it is the
+    only override and returns that same object.
     """
     from tiled.server.settings import get_settings
 
