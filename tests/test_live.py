@@ -333,6 +333,21 @@ def test_large_results_are_stored_in_tiles_and_a_block_patched_into_them_reads_b
     assert metadata["frames_done"] == 2
 
 
+def test_the_embedded_servers_streaming_cache_keeps_the_last_writes_not_an_hours(server):
+    """tiled keeps each write's payload for websocket subscribers: in the scan's process, only the last few."""
+    from bluesky_ptychonn.archive.servers import STREAM_CACHE_ENTRIES, STREAM_CACHE_TTL_S
+    from bluesky_ptychonn.core.geometry import ObjectGrid
+    from bluesky_ptychonn.core.stitching import StitchedImage
+
+    grid = ObjectGrid((40, 40), 1e-8, (0.0, 0.0))
+    sink = TiledSink(from_uri(server.uri), "run-stream-cache")
+    image = np.ones((40, 40), np.float32)
+    for k in range(1, 25):  # four patches and two metadata writes each: more than the cache keeps
+        sink.publish(StitchedImage(image, image, image, grid, k, trust=image), {"frames_done": k})
+    cache = server.catalog.context.streaming_cache._datastore._data_cache  # still written, for subscribers
+    assert 0 < len(cache) <= STREAM_CACHE_ENTRIES and cache.ttl == STREAM_CACHE_TTL_S
+
+
 def test_the_arrays_of_a_publish_are_patched_side_by_side_and_a_failed_one_fails_the_publish(server, scan, monkeypatch):
     """Was: one patch after another, each a round trip of 70-150 ms on a busy 2-core server.
 
