@@ -127,7 +127,7 @@ def _bound_streaming_cache(server: SimpleTiledServer) -> None:
 
     ``SimpleTiledServer`` keeps every write's payload (each patch of a live image) for websocket
     subscribers: up to 1,000 of them for an hour. 200 publishes of a 100-row block of a
-    1,222x1,222 result held about 370 MiB (the process grew from 364 to 731 MiB; bounded: to
+    1,222x1,222 result held about 360 MiB (the process grew from 364 to 722-731 MiB; bounded: to
     432). A live viewer that subscribes needs the last few, not an hour's.
     """
     from tiled.server.streaming import StreamingCache
