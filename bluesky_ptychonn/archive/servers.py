@@ -99,8 +99,8 @@ def start_embedded_server(
     return EmbeddedArchive(server=server, client=client, raw=raw, data_dir=data_dir)
 
 
-def _drop_settings_override(app: Any) -> bool:
-    """Drop tiled's ``get_settings`` override from ``app`` where it changes nothing; True if dropped.
+def _drop_settings_override(app: Any) -> None:
+    """Drop tiled's ``get_settings`` override from ``app`` where it changes nothing.
 
     While any dependency override is set, FastAPI (0.165) rebuilds every dependency of a route on
     each request: 5-15 % of a publish's CPU time on an idle embedded server, a fifth of the
@@ -112,10 +112,8 @@ def _drop_settings_override(app: Any) -> bool:
     from tiled.server.settings import get_settings
 
     overrides = app.dependency_overrides
-    if set(overrides) != {get_settings} or overrides[get_settings]() is not get_settings():
-        return False
-    del overrides[get_settings]
-    return True
+    if set(overrides) == {get_settings} and overrides[get_settings]() is get_settings():
+        del overrides[get_settings]
 
 
 #: Entries and seconds tiled's in-memory streaming cache keeps on the embedded server (tiled: 1,000, 1 h).
