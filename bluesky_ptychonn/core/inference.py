@@ -32,7 +32,9 @@ class Predictor:
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     batch_size : int, optional
-        Frames per forward pass; by default 16 on the CPU and 256 on a GPU.
+        Frames per forward pass; by default 256 on a GPU, and on the CPU 64 (the live engine's
+        micro-batch: one forward per micro-batch) or 16 for a compiled graph, which pads every
+        smaller batch to its one shape.
     precision : {"auto", "float32", "bfloat16"}
         ``"auto"``: bfloat16 autocast where the device computes bf16 natively (CUDA with bf16, a
         CPU whose oneDNN has AVX-512 BF16 or AMX), float32 elsewhere: emulated bf16 ran the paper
@@ -70,9 +72,14 @@ class Predictor:
     ) -> None:
         self.device = choose_device(device)
         self.info = info
-        # On the CPU small batches stay in cache (`make bench`: batch 16 ran 2x faster than 256 on
-        # 2 cores); a GPU wants large ones.
-        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 16)
+        # A GPU wants large batches. On the 2-core CPU, 256 ran 2x slower than 16 (out of cache), but
+        # 64 beat 16: the shipped model's live engine in memory ran 955-1,070 against 782-931
+        # frames/s, and in paced in-process scans, where the scan's threads and the Tiled server
+        # take turns on the interpreter lock with the inference thread after every op, a frame's
+        # inference took 4-9 % less and the latency's p95 fell from 4.9-9.9 to 3.3-3.7 s
+        # (benchmarks/results/ab-forward-batch/). A compiled graph pads to its batch: 16 wastes less.
+        cpu_batch = 16 if compile else CPU_BATCH
+        self.batch_size = batch_size or (256 if self.device.type == "cuda" else cpu_batch)
         self.precision = resolve_precision(precision, self.device)
         self.model = self._placed(model)
         self._graph: Any = self._compiled() if compile else None
@@ -239,8 +246,11 @@ class Predictor:
         self.precision = resolve_precision("auto", self.device)
         self.model = self._placed(self.model)
         self._graph = None
-        self.batch_size = 16
+        self.batch_size = CPU_BATCH
 
+
+#: Frames per forward pass of an eager network on the CPU, by default: the live engine's micro-batch.
+CPU_BATCH = 64
 
 #: Frames per page-locked result block on a GPU (two float32 images each): larger calls go in blocks,
 #: so torch's pinned-memory cache never holds more than a few hundred MB.
