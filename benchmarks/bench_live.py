@@ -188,7 +188,7 @@ def run(quick: bool = False) -> dict:
                 model_only = model_only_rate(predictor, x)
                 # Latency: a paced scan at a third of the end-to-end rate just measured (a detector
                 # faster than the whole pipeline only measures the backlog it builds; the paced
-                # detector flushes twice as often, each flush a TiledWriter request), into the in-process
+                # detector flushes twice as often, registered in Tiled once a second), into the in-process
                 # server and into a Tiled server in its own process, as a facility runs it.
                 period = 3.0 / e2e
                 paced, apart = (
