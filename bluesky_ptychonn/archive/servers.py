@@ -201,10 +201,10 @@ class StreamDatumCoalescer:
     """Hands documents to ``writer`` with the StreamDatum of each stream resource merged over ``interval_s``.
 
     TiledWriter registers every StreamDatum with Tiled, a request whose server side (catalog
-    lookups and an update of the data source) cost about 38 ms of CPU on the 2-core VM: a detector
-    flushing every 0.1 s took 0.43 of its two cores through the embedded server, and with the
-    analysis in the same process the latency median of paced scans was 1.23-1.39 s against
-    1.69-2.10 s when registrations came in blocks (three alternating pairs,
+    lookups and an update of the data source) cost about 38 ms of CPU on the 2-core VM: archiving
+    a scan whose detector flushed every 0.1 s took 0.49 of its two cores through the embedded
+    server, 0.03 merged over a second, and paced scans with the analysis in the same process had
+    a latency median of 1.24-1.59 s against 1.53-1.92 s (three alternating pairs,
     ``benchmarks/results/ab-register-every/``). The analysis is not delayed: it is subscribed
     apart and reads each flush's frames as it comes. A StreamDatum waits here until one of the
     same resource comes ``interval_s`` or more after the first one waiting, or any other document
