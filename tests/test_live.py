@@ -408,21 +408,20 @@ def test_the_first_image_goes_out_once_stitched_not_a_cadence_after_the_result_w
     assert live.wait(30)
 
 
-def test_on_the_cpu_a_default_predictor_infers_a_live_micro_batch_in_one_forward(scan):
+def test_on_the_cpu_a_default_predictor_infers_a_live_micro_batch_in_one_forward(scan, predictor):
     """Was: 16 frames a forward on the CPU, four forwards a micro-batch of 64, and after each op the
     inference thread waits its turn for the interpreter lock behind the scan's threads and the Tiled
     server (``benchmarks/results/ab-forward-batch/``)."""
-    torch.manual_seed(0)
-    net = NetworkConfig(input_pixels=32, base_channels=4, depth=2)
-    info = CheckpointInfo(net, PreprocessRecipe(frame_shape=(32, 32), scale=0.05), content_hash="f" * 64)
-    predictor = Predictor(PtychoNN(net).eval(), info, device="cpu")
     forwards = []
-    predictor.model.register_forward_hook(lambda module, args, out: forwards.append(len(args[0])))
-    options = FAST.model_copy(update={"batch_size": LiveOptions().batch_size})
-    live = LiveReconstruction(predictor, scan.grid, None, {"raw_uid": "one-forward"}, options)
-    frames, positions = np.concatenate([scan.frames] * 2), np.concatenate([scan.positions_m] * 2)
-    live.submit(np.arange(len(frames)), frames, positions)  # 72 frames: a micro-batch of 64, then 8
-    live.finish("complete")
-    live.wait(30)
+    hook = predictor.model.register_forward_hook(lambda module, args, out: forwards.append(len(args[0])))
+    try:
+        options = FAST.model_copy(update={"batch_size": LiveOptions().batch_size})
+        live = LiveReconstruction(predictor, scan.grid, None, {"raw_uid": "one-forward"}, options)
+        frames, positions = np.concatenate([scan.frames] * 2), np.concatenate([scan.positions_m] * 2)
+        live.submit(np.arange(len(frames)), frames, positions)  # 72 frames: a micro-batch of 64, then 8
+        live.finish("complete")
+        live.wait(30)
+    finally:
+        hook.remove()
     assert live.metadata["frames_done"] == 72
     assert forwards == [64, 8]
